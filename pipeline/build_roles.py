@@ -20,6 +20,7 @@ import asyncio
 import logging
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 from pipeline.llm import (
     Completion,
+    FailureStreak,
     JobProgress,
     LLMClient,
     LLMConfig,
@@ -54,6 +56,7 @@ from pipeline.role_schema import (
     validate_role_dict,
     write_role_file,
 )
+from pipeline.progress import StopRequested, check_stop, print_progress
 from pipeline.store import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -286,7 +289,9 @@ async def build_one_role(
 
 
 async def build_roles_async(
-    config: BuildRolesConfig, progress: ProgressCallback | None = None
+    config: BuildRolesConfig,
+    progress: ProgressCallback | None = None,
+    stop_event: threading.Event | None = None,
 ) -> BuildRolesReport:
     """Async form of :func:`build_roles` (for callers that already run an event loop)."""
     entries = select_entries(config)
@@ -317,14 +322,20 @@ async def build_roles_async(
         report.estimated_cost_usd = client.estimated_cost()
         atomic_write_json(config.resolved_summary_path, report.as_dict())
 
+    streak = FailureStreak(5)
+
     async def handle(entry: CatalogEntry) -> None:
+        rejected: LLMRequestError | None = None
+        check_stop(stop_event)
         try:
             answer = await build_one_role(client, entry, config)
         except LLMRequestError as exc:
             report.failed[entry.name] = str(exc)
             if not exc.request_specific:
                 raise
-            answer = None
+            answer, rejected = None, exc
+        else:
+            streak.success()
         if answer is not None:
             if answer.role is not None:
                 write_role_file(config.output_dir / f"{entry.name}.json", answer.role)
@@ -337,10 +348,15 @@ async def build_roles_async(
                 log.warning("role %s failed: %s", entry.name, answer.problem)
         save_summary()
         tracker.advance(entry.name)
+        if rejected is not None:
+            streak.failure(rejected)  # stops the run when every request is being rejected
 
     config.output_dir.mkdir(parents=True, exist_ok=True)
     try:
         await run_workers(todo, handle, config.llm.max_concurrency)
+    except StopRequested:
+        _finish(report, "stopped on request", save_summary)
+        return report
     except LLMRequestError as exc:
         message = (
             f"build-roles stopped: {exc}. {len(report.built)} role(s) were written to "
@@ -366,13 +382,19 @@ def _finish(report: BuildRolesReport, stopped: str | None, save: Any = None) -> 
         atomic_write_json(report.summary_path, report.as_dict())
 
 
-def build_roles(config: BuildRolesConfig, progress: ProgressCallback | None = None) -> BuildRolesReport:
+def build_roles(
+    config: BuildRolesConfig,
+    progress: ProgressCallback | None = None,
+    stop_event: threading.Event | None = None,
+) -> BuildRolesReport:
     """Build the missing role files; see the module docstring.
 
     Raises MissingAPIKeyError before any request, RoleDataError for a bad catalog or
     unknown role names, and BuildRolesAborted (with ``.report``) if the API keeps failing.
+    Setting ``stop_event`` stops before the next role (roles in flight are dropped;
+    ``report.stopped`` says so).
     """
-    return asyncio.run(build_roles_async(config, progress))
+    return asyncio.run(build_roles_async(config, progress, stop_event))
 
 
 # --------------------------------------------------------------------------- command line
@@ -389,7 +411,7 @@ def add_cli(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "build-roles",
         help="generate role files (system prompts, questions, judge prompt) with an LLM",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=" ".join(__doc__.split("\n\n")[0].split(": ", 1)[-1].split()) if __doc__ else None,
     )
     parser.add_argument(
         "--output-dir", type=Path, default=ROLES_DIR,
@@ -442,7 +464,7 @@ def run_cli(args: argparse.Namespace) -> int:
             n_questions=args.n_questions,
             summary_path=args.summary,
         )
-        report = build_roles(config, progress=_print_progress)
+        report = build_roles(config, progress=print_progress)
     except BuildRolesAborted as exc:
         _print_report(exc.report)
         print(f"error: {exc}", file=sys.stderr)
@@ -453,9 +475,6 @@ def run_cli(args: argparse.Namespace) -> int:
     _print_report(report)
     return 1 if report.failed or report.refused else 0
 
-
-def _print_progress(done: int, total: int, message: str) -> None:
-    print(f"[{done}/{total}] {message}", file=sys.stderr, flush=True)
 
 
 def _print_report(report: BuildRolesReport) -> None:

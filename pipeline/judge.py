@@ -22,6 +22,7 @@ import math
 import os
 import re
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from pipeline.llm import (
     LLMConfig,
     LLMError,
     LLMRequestError,
+    FailureStreak,
     ProgressCallback,
     add_llm_arguments,
     estimate_cost,
@@ -39,6 +41,8 @@ from pipeline.llm import (
     run_workers,
 )
 from pipeline.role_schema import DEFAULT_ROLE_NAME, Role, RoleDataError, format_eval_prompt, load_role_dir
+from pipeline.manifest import record_step
+from pipeline.progress import StopRequested, check_stop, print_progress
 from pipeline.store import JsonlLog, RunPaths, read_responses
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,7 @@ class JudgeConfig:
     roles: tuple[str, ...] | None = None  # only responses of these roles
     limit: int | None = None  # at most this many requests in this run
     est_output_tokens: int = 4  # output tokens per reply assumed by the dry run
+    max_rejected_in_a_row: int = 5  # HTTP 400s in a row that stop the run (a bad setting, not a bad item)
 
     def __post_init__(self) -> None:
         if self.roles is not None:
@@ -110,10 +115,16 @@ class JudgeReport:
     usage: dict[str, int] = field(default_factory=dict)
     estimated_cost_usd: float | None = None
     model: str = ""
-    stopped: str | None = None
+    stopped: str | None = None  # why the run ended early ("stopped on request", an API error)
+    left_by_limit: int = 0  # unscored responses not requested because of JudgeConfig.limit
+
+    @property
+    def remaining(self) -> int:
+        """Responses still without a valid score after this run (limit, stop, bad replies)."""
+        return self.requested - self.scored + self.left_by_limit
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "remaining": self.remaining}
 
 
 # --------------------------------------------------------------------------- scores
@@ -199,6 +210,7 @@ def _collect(run_dir: Path, config: JudgeConfig) -> tuple[list[JudgeItem], Judge
         answer = row.response if isinstance(row.response, str) else ""
         items.append(JudgeItem(str(row.rollout_id), str(row.role), format_eval_prompt(role, str(row.question), answer)))
     if config.limit is not None:
+        report.left_by_limit = max(0, len(items) - config.limit)
         items = items[: config.limit]
     return items, report
 
@@ -223,8 +235,16 @@ def plan_judge(run_dir: str | os.PathLike[str], config: JudgeConfig) -> JudgePla
 # --------------------------------------------------------------------------- judging
 
 
+def _settings(config: JudgeConfig) -> dict[str, Any]:
+    """What the manifest records about a judge run (never the API key)."""
+    return {"llm": config.llm.public_settings(), "roles": config.roles, "limit": config.limit}
+
+
 async def judge_run_async(
-    run_dir: str | os.PathLike[str], config: JudgeConfig, progress: ProgressCallback | None = None
+    run_dir: str | os.PathLike[str],
+    config: JudgeConfig,
+    progress: ProgressCallback | None = None,
+    stop_event: threading.Event | None = None,
 ) -> JudgeReport:
     """Async form of :func:`judge_run` (for callers that already run an event loop)."""
     run_dir = Path(run_dir)
@@ -232,6 +252,7 @@ async def judge_run_async(
     try:
         items, report = _collect(run_dir, config)
         report.requested = len(items)
+        record_step(run_dir, "judge", _settings(config), finished=False)
         log.info(
             "judge: %d responses, %d default (not judged), %d already scored, %d to judge with %s",
             report.total_responses, report.default_responses, report.already_scored, len(items),
@@ -240,7 +261,11 @@ async def judge_run_async(
         scores = JsonlLog(RunPaths(run_dir).scores)
         tracker = JobProgress(total=len(items), label="judge", callback=progress)
 
+        streak = FailureStreak(config.max_rejected_in_a_row)
+
         async def handle(item: JudgeItem) -> None:
+            rejected: LLMRequestError | None = None
+            check_stop(stop_event)
             try:
                 completion = await client.complete([{"role": "user", "content": item.prompt}])
             except LLMRequestError as exc:
@@ -248,7 +273,9 @@ async def judge_run_async(
                     raise
                 score, raw, problem = None, "", str(exc)
                 report.failed += 1
+                rejected = exc
             else:
+                streak.success()
                 raw = completion.text
                 score, problem = parse_score(raw)
                 if score is None:
@@ -266,9 +293,13 @@ async def judge_run_async(
                 "error": problem,
             })
             tracker.advance(item.role)
+            if rejected is not None:
+                streak.failure(rejected)  # stops the run when every request is being rejected
 
         try:
             await run_workers(items, handle, config.llm.max_concurrency)
+        except StopRequested:
+            report.stopped = "stopped on request; scores received so far are kept"
         except LLMRequestError as exc:
             report.stopped = (
                 f"judge stopped: {exc}. {report.scored + report.unscored + report.failed} replies received "
@@ -278,20 +309,28 @@ async def judge_run_async(
         finally:
             report.usage = client.usage.as_dict()
             report.estimated_cost_usd = client.estimated_cost()
+            record_step(
+                run_dir, "judge", _settings(config), finished=report.remaining == 0 and report.stopped is None,
+                extra={"scored": len(read_scores(run_dir)), "unscored_or_pending": report.remaining},
+            )
         return report
     finally:
         await client.close()
 
 
 def judge_run(
-    run_dir: str | os.PathLike[str], config: JudgeConfig, progress: ProgressCallback | None = None
+    run_dir: str | os.PathLike[str],
+    config: JudgeConfig,
+    progress: ProgressCallback | None = None,
+    stop_event: threading.Event | None = None,
 ) -> JudgeReport:
     """Judge every unscored character-role response of ``run_dir``; see the module docstring.
 
     Raises MissingAPIKeyError before any work, RoleDataError if the run's role snapshot
     is missing or lacks a role, and JudgeAborted (with ``.report``) if the API keeps failing.
+    Setting ``stop_event`` stops the run before its next request (``report.stopped`` says so).
     """
-    return asyncio.run(judge_run_async(run_dir, config, progress))
+    return asyncio.run(judge_run_async(run_dir, config, progress, stop_event))
 
 
 # --------------------------------------------------------------------------- command line
@@ -301,7 +340,7 @@ def add_cli(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "judge",
         help="score each role-play response's role adherence (0-3) with an LLM judge",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=" ".join(__doc__.split("\n\n")[0].split(": ", 1)[-1].split()) if __doc__ else None,
     )
     parser.add_argument("--run-dir", type=Path, required=True, help="the run directory whose responses to judge")
     parser.add_argument(
@@ -314,7 +353,7 @@ def add_cli(subparsers: Any) -> None:
         help="print the number of requests and the estimated tokens and cost, without calling the API",
     )
     add_llm_arguments(parser, default_provider="openai", default_concurrency=16,
-                      default_max_tokens=64, default_temperature=0.0)
+                      default_max_tokens=256, default_temperature=0.0)
     parser.set_defaults(func=run_cli)
 
 
@@ -336,7 +375,7 @@ def run_cli(args: argparse.Namespace) -> int:
                 f"{plan.est_output_tokens} output tokens, estimated cost {cost}"
             )
             return 0
-        report = judge_run(args.run_dir, config, progress=_print_progress)
+        report = judge_run(args.run_dir, config, progress=print_progress)
     except JudgeAborted as exc:
         _print_report(exc.report)
         print(f"error: {exc}", file=sys.stderr)
@@ -346,11 +385,6 @@ def run_cli(args: argparse.Namespace) -> int:
         return 2
     _print_report(report)
     return 1 if report.unscored or report.failed else 0
-
-
-def _print_progress(done: int, total: int, message: str) -> None:
-    if done == total or done % 50 == 0:
-        print(f"[{done}/{total}] judged", file=sys.stderr, flush=True)
 
 
 def _print_report(report: JudgeReport) -> None:

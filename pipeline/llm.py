@@ -117,7 +117,7 @@ class LLMConfig:
     provider: Provider
     model: str
     base_url: str | None = None
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never shown in logs or tracebacks
     max_concurrency: int = 8
     requests_per_second: float | None = None
     max_retries: int = 5
@@ -173,6 +173,16 @@ class LLMConfig:
             # Local servers (vLLM, llama.cpp) usually accept any key.
             return "EMPTY"
         raise MissingAPIKeyError(self.provider, self.api_key_env)
+
+    def public_settings(self) -> dict[str, Any]:
+        """The settings worth recording in a run manifest (no API key)."""
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            "base_url": self.base_url,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
 
     def describe(self) -> str:
         where = f" at {self.base_url}" if self.base_url else ""
@@ -522,6 +532,8 @@ class LLMClient:
             hint = f"; check the API key ({cfg.api_key_env})"
         elif failure.status_code == 404:
             hint = f"; check the model name {cfg.model!r} and the base URL"
+        elif failure.status_code == 400 and "temperature" in failure.message.lower():
+            hint = "; this model may not accept a temperature: set it to None (--temperature -1)"
         return LLMRequestError(
             f"{cfg.describe()} request failed: {what}{failure.message}{hint}{tail}",
             provider=cfg.provider,
@@ -751,6 +763,30 @@ def extract_json_object(text: str) -> Any | None:
                 return value
             start = chunk.find("{", start + 1)
     return None
+
+
+class FailureStreak:
+    """Stops a batch job when ``limit`` requests in a row were rejected (HTTP 400/413/422):
+    one bad request is recorded and skipped, but a rejected *setting* would reject all."""
+
+    def __init__(self, limit: int = 5):
+        self.limit = limit
+        self.count = 0
+
+    def success(self) -> None:
+        self.count = 0
+
+    def failure(self, error: LLMRequestError) -> None:
+        self.count += 1
+        if self.count >= self.limit:
+            raise LLMRequestError(
+                f"{self.count} requests in a row were rejected; the last error: {error}",
+                provider=error.provider,
+                model=error.model,
+                status_code=error.status_code,
+                provider_message=error.provider_message,
+                attempts=error.attempts,
+            )
 
 
 async def run_workers(items: Sequence[Any], handle: Callable[[Any], Any], n_workers: int) -> None:

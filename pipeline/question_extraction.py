@@ -54,6 +54,7 @@ from pipeline.role_schema import (
     load_role_file,
     normalize_text,
 )
+from pipeline.progress import print_progress
 from pipeline.store import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -396,7 +397,7 @@ def add_cli(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "extract-questions",
         help="pick general (non-role-specific) extraction questions from the roles' questions with an LLM",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=" ".join(__doc__.split("\n\n")[0].split(": ", 1)[-1].split()) if __doc__ else None,
     )
     parser.add_argument(
         "--roles-dir", type=Path, default=ROLES_DIR,
@@ -438,7 +439,7 @@ def run_cli(args: argparse.Namespace) -> int:
             seed=args.seed,
             force=args.force,
         )
-        report = extract_questions(config, progress=_print_progress)
+        report = extract_questions(config, progress=print_progress)
     except (LLMError, RoleDataError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -451,6 +452,3 @@ def run_cli(args: argparse.Namespace) -> int:
     )
     return 0 if report.written >= args.n else 1
 
-
-def _print_progress(done: int, total: int, message: str) -> None:
-    print(f"[{done}/{total}] {message}", file=sys.stderr, flush=True)

@@ -263,8 +263,9 @@ def fetch_source(source: RoleSource, config: ImportRolesConfig) -> tuple[Path, s
 
 
 def _inside(path: Path, root: Path) -> bool:
+    """Lexically inside root (symlinks not followed: Hub snapshots link into a blob store)."""
     try:
-        path.resolve().relative_to(root.resolve())
+        Path(os.path.abspath(path)).relative_to(os.path.abspath(root))
     except ValueError:
         return False
     return True
@@ -327,6 +328,16 @@ def load_source_roles(
 # --------------------------------------------------------------------------- copying
 
 
+def _check_confined(files: list[Path], allowed_root: Path) -> None:
+    """Refuse files that resolve (through symlinks) outside the fetched source."""
+    root = allowed_root.resolve()
+    for path in files:
+        try:
+            path.resolve().relative_to(root)
+        except ValueError:
+            raise RoleImportError(f"{path}: links to {path.resolve()}, outside the imported source") from None
+
+
 def _copy_role_set(role_set: RoleSet, questions: Path, dest: Path, overwrite: bool) -> None:
     if dest.exists() and not dest.is_dir():
         raise RoleImportError(f"{dest}: destination exists and is not a folder")
@@ -363,6 +374,9 @@ def import_roles(config: ImportRolesConfig) -> ImportReport:
     )
     if config.roles:
         role_set = role_set.select(config.roles)
+    if source.kind != "path":  # a local folder may link wherever its owner likes
+        store = root if source.kind == "git" else (config.cache_dir or default_cache_dir()) / "hf"
+        _check_confined([Path(str(r.source)) for r in role_set.all_roles()] + [questions], store)
     _copy_role_set(role_set, questions, config.dest_dir, config.overwrite)
     report = ImportReport(
         source=config.source,
@@ -387,7 +401,7 @@ def add_cli(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "import-roles",
         help="import a role set (paper layout) from a folder, a git repository or a Hugging Face dataset",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=" ".join(__doc__.split("\n\n")[0].split(": ", 1)[-1].split()) if __doc__ else None,
     )
     parser.add_argument(
         "source",

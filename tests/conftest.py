@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+pytest_plugins = ["tests.fake_llm_servers"]
+
 from tests.tiny_models import CHATML_TEMPLATE, NO_SYSTEM_TEMPLATE, build_tiny_model  # noqa: E402
 
 

@@ -395,3 +395,19 @@ def test_extract_questions_refuses_to_overwrite(tmp_path: Path, openai_server: F
     args = parser.parse_args([*argv, "--force", "--max-retries", "0"])
     assert args.func(args) == 0
     assert "3 written" in capsys.readouterr().out and len(load_questions(out)) == 3
+
+
+def test_build_roles_stop_event(tmp_path: Path, openai_server: FakeLLMServer) -> None:
+    import threading
+
+    stop = threading.Event()
+
+    def handler(request):
+        stop.set()
+        return role_json(persona(request))
+
+    openai_server.handler = handler
+    report = build_roles(make_config(tmp_path, openai_server, llm={"max_concurrency": 1}), stop_event=stop)
+    assert report.stopped == "stopped on request" and len(report.built) == 1
+    summary = json.loads((tmp_path / "roles.build_summary.json").read_text())
+    assert len(summary["pending"]) == 2

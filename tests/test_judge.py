@@ -289,3 +289,40 @@ def test_cli_good_path_and_errors(tmp_path: Path, openai_server: FakeLLMServer, 
     missing_key = _cli(["--run-dir", str(run), "--provider", "anthropic"])
     assert missing_key.func(missing_key) == 2
     assert "ANTHROPIC_API_KEY" in capsys.readouterr().err
+
+
+def test_every_request_rejected_stops_the_run(tmp_path: Path, openai_server: FakeLLMServer) -> None:
+    run = make_run(tmp_path, per_role=5)
+    openai_server.handler = lambda req: error(400, "Unsupported value: 'temperature' does not support 0.0")
+    config = JudgeConfig(llm=openai_server.config(max_concurrency=1), max_rejected_in_a_row=3)
+    with pytest.raises(JudgeAborted, match="3 requests in a row were rejected") as info:
+        judge_run(run, config)
+    assert "--temperature -1" in str(info.value)
+    assert len(openai_server.chat_requests) == 3 and info.value.report.failed == 3
+
+
+def test_stop_event_and_manifest(tmp_path: Path, openai_server: FakeLLMServer) -> None:
+    import threading
+
+    from pipeline.manifest import read_manifest
+
+    run = make_run(tmp_path)
+    stop = threading.Event()
+
+    def handler(request):
+        stop.set()  # ask to stop as soon as the first request arrives
+        return "2"
+
+    openai_server.handler = handler
+    config = JudgeConfig(llm=openai_server.config(max_concurrency=1, api_key="sk-secret"))
+    report = judge_run(run, config, stop_event=stop)
+    assert report.stopped and "stopped on request" in report.stopped
+    assert report.scored == 1 and report.remaining == 5
+    step = read_manifest(run)["steps"]["judge"]
+    assert "finished" not in step and step["settings"]["llm"]["model"] == "gpt-4.1-mini"
+    assert "sk-secret" not in RunPaths(run).manifest.read_text()
+
+    report = judge_run(run, config)
+    assert report.remaining == 0 and "finished" in read_manifest(run)["steps"]["judge"]
+    assert read_manifest(run)["steps"]["judge"]["scored"] == 6
+    assert "sk-secret" not in repr(config)
