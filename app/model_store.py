@@ -57,7 +57,8 @@ class ModelStore:
         model = self._model
         if model is not None and model.model_id == model_id:
             return model
-        with self._lock:
+        with self._lock:  # one load at a time; others wait for it
+
             if self._model is not None and self._model.model_id == model_id:
                 return self._model
             self.unload_locked()
@@ -69,7 +70,21 @@ class ModelStore:
                                    load_seconds=time.monotonic() - start)
             return model
 
+    def adopt(self, model: LoadedModel) -> None:
+        """Use a model that is already in memory (tests, notebooks) as the shared one."""
+        with self._lock:
+            self.unload_locked()
+            self._model = model
+            self._info = ModelInfo(model_id=model.model_id, n_layers=model.n_layers, d_model=model.d_model,
+                                   device=str(model.device), dtype=model.spec.dtype, revision=model.revision_label,
+                                   load_seconds=0.0)
+
+    def unload(self) -> None:
+        with self._lock:
+            self.unload_locked()
+
     def unload_locked(self) -> None:
+        """Drop the model (the caller holds the lock)."""
         if self._model is None:
             return
         self._model = None

@@ -7,6 +7,7 @@
 ``AXIS_LAB_DEVICE``     ``cpu`` / ``cuda`` (default: ``cuda`` when available)
 ``AXIS_LAB_DTYPE``      ``float32`` / ``bfloat16`` / ``float16`` (default: float32 on CPU, bfloat16 on GPU)
 ``AXIS_LAB_RUN_DIR``    run directory preselected in the chat and pipeline tabs
+``AXIS_LAB_CHAT_MAX_TOKENS``  default "max new tokens" of the chat (96)
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class AppConfig:
     dtype: str | None = field(default_factory=lambda: os.environ.get("AXIS_LAB_DTYPE") or None)
     run_dir: str | None = field(default_factory=lambda: os.environ.get("AXIS_LAB_RUN_DIR") or None)
     on_space: bool = field(default_factory=lambda: bool(os.environ.get("SPACE_ID")))
+    chat_max_new_tokens: int = field(default_factory=lambda: int(os.environ.get("AXIS_LAB_CHAT_MAX_TOKENS") or 96))
 
     def __post_init__(self) -> None:
         self.workspace = Path(self.workspace).expanduser()
@@ -62,10 +64,6 @@ class AppConfig:
     @property
     def transcripts_dir(self) -> Path:
         return self.workspace / "transcripts"
-
-    @property
-    def hub_cache_dir(self) -> Path:
-        return self.workspace / "hub-cache"
 
     def default_run_dir(self) -> str:
         return self.run_dir or str(self.runs_dir / "demo")

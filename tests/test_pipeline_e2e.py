@@ -2,6 +2,7 @@
 
 The judge is a local HTTP server speaking the OpenAI chat-completions protocol.
 """
+import argparse
 import json
 import os
 import signal
@@ -168,11 +169,23 @@ def test_corrupt_role_file_is_reported_and_run_untouched(tmp_path):
     assert RunPaths(run_dir).rollouts.read_bytes() == before
 
 
-def test_cli_help_for_every_step():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def test_cli_help_for_every_step(capsys):
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
     for step in ("rollouts", "generate", "extract", "judge", "vectors", "axis", "run", "build-roles",
                  "extract-questions", "import-roles"):
-        out = subprocess.run([sys.executable, "-m", "pipeline", step, "--help"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        assert "--" in out.stdout
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([step, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: python -m pipeline " + step in capsys.readouterr().out
+    # every flag of every step documents itself
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help text"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "pipeline", "--help"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "generate" in out.stdout and "axis" in out.stdout
