@@ -54,6 +54,20 @@ class PipelineSettings:
         if not str(self.model_id).strip():
             raise ValueError("choose a model id")
 
+    def judge_llm(self):
+        from pipeline.llm import LLMConfig
+
+        return LLMConfig(provider=self.judge_provider, model=self.judge_model, base_url=self.judge_base_url or None,
+                         api_key=self.judge_api_key or None, max_concurrency=self.judge_concurrency, max_tokens=16)
+
+
+def check_settings(step: str, settings: PipelineSettings) -> None:
+    """Fail before starting a job on what can be checked up front (the judge's API key)."""
+    if step in ("judge", ALL):
+        from pipeline.llm import check_api_key
+
+        check_api_key(settings.judge_llm())
+
 
 def step_function(step: str, settings: PipelineSettings, models: ModelStore,
                   heavy: HeavySlot = HEAVY) -> Callable[[Job], Any]:
@@ -102,12 +116,9 @@ def step_function(step: str, settings: PipelineSettings, models: ModelStore,
 
     def judge(job: Job) -> Any:
         from pipeline.judge import JudgeConfig, judge_run
-        from pipeline.llm import LLMConfig
 
-        llm = LLMConfig(provider=settings.judge_provider, model=settings.judge_model,
-                        base_url=settings.judge_base_url or None, api_key=settings.judge_api_key or None,
-                        max_concurrency=settings.judge_concurrency, max_tokens=16)
-        report = judge_run(run_dir, JudgeConfig(llm=llm, roles=settings.roles, limit=settings.judge_limit),
+        report = judge_run(run_dir, JudgeConfig(llm=settings.judge_llm(), roles=settings.roles,
+                                                limit=settings.judge_limit),
                            progress=job.progress, stop_event=job.stop_event)
         return _report_dict(report)
 

@@ -56,14 +56,14 @@ def projection_figure(conversation: Conversation, layer: int) -> go.Figure:
         if number > 1:
             fig.add_vline(x=offset - 0.5, line=dict(color="#bbb", width=1, dash="dot"))
         offset += width
+    if tau_x:  # drawn first, wide and light, so a capped (steered == tau) stretch stays visible on top
+        fig.add_trace(go.Scatter(x=tau_x, y=tau_y, mode="lines", name="tau (cap floor)", opacity=0.6,
+                                 line=dict(color=TAU_COLOR, width=5, dash="dash")))
     if any(v is not None for v in base_y):
         fig.add_trace(go.Scatter(x=base_x, y=base_y, mode="lines", name="unsteered",
                                  line=dict(color=BASELINE_COLOR, width=1.5)))
     fig.add_trace(go.Scatter(x=steered_x, y=steered_y, mode="lines", name="steered", text=steered_text,
                              line=dict(color=STEERED_COLOR, width=2)))
-    if tau_x:
-        fig.add_trace(go.Scatter(x=tau_x, y=tau_y, mode="lines", name="tau (cap floor)",
-                                 line=dict(color=TAU_COLOR, width=2, dash="dash")))
     return _layout(fig, title, "generated token (all turns)", "projection")
 
 

@@ -160,11 +160,11 @@ def role_markdown(role: Role) -> str:
     lines = [f"### {role.name}", "", f"*file:* `{role.source}`", "", "**System prompts**", ""]
     lines += [f"{i}. {p or '*(empty system prompt)*'}" for i, p in enumerate(role.instructions, start=1)]
     lines += ["", f"**Questions** ({len(role.questions)})", ""]
-    lines += [f"{i}. {q}" for i, q in enumerate(role.questions, start=1)] or ["*(none: the default role uses only "
-                                                                              "the shared extraction questions)*"]
+    lines += [f"- {q}" for q in role.questions] or ["*(none: the default role uses only the shared extraction "
+                                                    "questions)*"]
     lines += ["", "**Judge prompt**", ""]
-    if role.eval_prompt:
-        lines += ["```text", role.eval_prompt, "```"]
+    if role.eval_prompt:  # a quote block wraps long lines (a code block would cut them)
+        lines += [f"> {line}" if line.strip() else ">" for line in role.eval_prompt.splitlines()]
     else:
         lines.append("*(none: the default role is not judged)*")
     return "\n".join(lines)

@@ -39,18 +39,15 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import json
 import logging
 import math
 import os
 import re
-import shutil
 import subprocess
 import tarfile
 import tempfile
 import threading
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -67,6 +64,7 @@ from pipeline.store import RunPaths, atomic_write_json, atomic_write_text, read_
 from pipeline.vectors import compute_vectors
 from steering.axis_io import AxisBundle, load_axis
 from steering.axis_math import compute_axis, cosine_per_layer, pca, project, unit
+from steering.atomic_io import build_directory_once
 from steering.models import LoadedModel, ModelLoadError, ModelSpec, cache_root, load_model
 
 log = logging.getLogger(__name__)
@@ -241,58 +239,42 @@ def resolve_checkpoint(spec: CheckpointSpec, export_root: str | os.PathLike | No
                               git_tree=f"{sha}:{prefix}" if prefix else sha)
 
 
-_export_lock = threading.Lock()
-
-
 def export_git_revision(repo: Path, tree: str, target: Path) -> Path:
     """Write the files of ``tree`` (``sha`` or ``sha:subdir``) of ``repo`` to ``target`` once (atomic rename).
 
     Uses ``git archive``, so LFS files are smudged when git-lfs is installed; files left as LFS
     pointers raise :class:`ModelLoadError`.
     """
-    marker = target / ".export-complete"
-    if marker.exists():
-        return target
-    with _export_lock:
-        if marker.exists():
-            return target
-        staging = target.parent / f".{target.name}.{uuid.uuid4().hex}"
-        staging.mkdir(parents=True)
-        try:
-            # streamed: model weights never sit in memory as one archive
-            with tempfile.TemporaryFile() as errors:
-                process = subprocess.Popen(["git", "-C", str(repo), "archive", "--format=tar", tree],
-                                           stdout=subprocess.PIPE, stderr=errors)
-                tar_error = None
-                try:
-                    with tarfile.open(fileobj=process.stdout, mode="r|") as archive:
-                        archive.extractall(staging, filter="data")
-                except tarfile.TarError as exc:
-                    tar_error = exc
-                finally:
-                    process.stdout.close()
-                    code = process.wait()
-                if code != 0:
-                    errors.seek(0)
-                    raise ModelLoadError(f"git archive {tree} in {repo} failed: "
-                                         f"{errors.read().decode(errors='replace').strip()}")
-                if tar_error is not None:
-                    raise ModelLoadError(f"git archive {tree} in {repo}: unreadable archive ({tar_error})")
-            for file in staging.rglob("*"):
-                if file.is_file() and file.stat().st_size < 1024 and file.suffix in {".safetensors", ".bin", ".pt"}:
-                    if file.read_bytes().startswith(b"version https://git-lfs"):
-                        raise ModelLoadError(
-                            f"{file.name} at {tree} of {repo} is a git-lfs pointer: install git-lfs and run "
-                            "'git lfs fetch --all' in the repository"
-                        )
-            (staging / ".export-complete").write_text(f"{repo} {tree}\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return target
+
+    def build(staging: Path) -> None:
+        # streamed: model weights never sit in memory as one archive
+        with tempfile.TemporaryFile() as errors:
+            process = subprocess.Popen(["git", "-C", str(repo), "archive", "--format=tar", tree],
+                                       stdout=subprocess.PIPE, stderr=errors)
+            tar_error = None
+            try:
+                with tarfile.open(fileobj=process.stdout, mode="r|") as archive:
+                    archive.extractall(staging, filter="data")
+            except tarfile.TarError as exc:
+                tar_error = exc
+            finally:
+                process.stdout.close()
+                code = process.wait()
+            if code != 0:
+                errors.seek(0)
+                raise ModelLoadError(f"git archive {tree} in {repo} failed: "
+                                     f"{errors.read().decode(errors='replace').strip()}")
+            if tar_error is not None:
+                raise ModelLoadError(f"git archive {tree} in {repo}: unreadable archive ({tar_error})")
+        for file in staging.rglob("*"):
+            if file.is_file() and file.stat().st_size < 1024 and file.suffix in {".safetensors", ".bin", ".pt"}:
+                if file.read_bytes().startswith(b"version https://git-lfs"):
+                    raise ModelLoadError(
+                        f"{file.name} at {tree} of {repo} is a git-lfs pointer: install git-lfs and run "
+                        "'git lfs fetch --all' in the repository"
+                    )
+
+    return build_directory_once(target, build, marker=".export-complete", note=f"{repo} {tree}\n")
 
 
 # ---------------------------------------------------------------- config and report
@@ -411,8 +393,10 @@ def extract_checkpoint(resolved: ResolvedCheckpoint, folder: Path, needed: pd.Da
                                   already_done=len(needed) - len(pending))
     expected = {"model_id": resolved.spec.model_id, "revision": resolved.revision, "aggregation": "mean"}
     stored_layers = _check_stored_meta(store, expected, layers)
-    atomic_write_json(folder / "checkpoint.json", {**resolved.describe(), "layers": stored_layers or layers})
-    if not pending.empty:
+    description = {**resolved.describe(), "layers": stored_layers or layers}
+    if pending.empty:
+        atomic_write_json(folder / "checkpoint.json", description)
+    else:
         if stop_event is not None and stop_event.is_set():
             result.stopped = True
             return result
@@ -421,6 +405,7 @@ def extract_checkpoint(resolved: ResolvedCheckpoint, folder: Path, needed: pd.Da
         result.loaded = True
         try:
             axis.check_compatible(model.n_layers, model.d_model, resolved.spec.name)
+            atomic_write_json(folder / "checkpoint.json", description)
             extract_layers = stored_layers or layers
             store.check_or_write_meta({
                 **expected, "layers": extract_layers, "n_layers": model.n_layers, "d_model": model.d_model,
@@ -457,7 +442,7 @@ def extract_checkpoint(resolved: ResolvedCheckpoint, folder: Path, needed: pd.Da
 
 def checkpoint_vectors(folder: Path, responses: pd.DataFrame, scores: dict[str, int], layers: list[int],
                        min_score: int, min_count: int) -> tuple[Tensor, dict[str, Tensor], dict[str, int], dict[str, str]]:
-    """(default ``[n_layers_sel, D]``, roles, counts, skipped) of one checkpoint at ``layers``."""
+    """(default ``[n_layers_sel, D]``, roles, responses used per role and for ``default``, skipped roles)."""
     store = ActivationStore(folder)
     meta = store.meta()
     if meta is None:
@@ -466,7 +451,7 @@ def checkpoint_vectors(folder: Path, responses: pd.DataFrame, scores: dict[str, 
     needed = needed_responses(responses, scores, min_score)
     activations = {k: v[..., index, :] for k, v in store.load(rollout_ids=set(needed["rollout_id"])).items()}
     default, roles, report = compute_vectors(responses, scores, activations, min_score, min_count)
-    return default, roles, report.counts, report.skipped
+    return default, roles, {**report.counts, DEFAULT_ROLE_NAME: report.n_default}, report.skipped
 
 
 # ---------------------------------------------------------------- tables
@@ -490,7 +475,8 @@ def projection_tables(names: Sequence[str], vectors: Sequence[tuple[Tensor, dict
         direction = axis[layer].to(torch.float32)
         pcs = None
         if len(final_names) >= 2:
-            pcs = pca(torch.stack([final_roles[n][li] for n in final_names]), direction, n_components=n_pcs)
+            pcs = pca(torch.stack([final_roles[n][li] for n in final_names]), direction,
+                      n_components=min(n_pcs, len(final_names) - 1))
         for ci, (name, (default, roles)) in enumerate(zip(names, vectors)):
             previous = vectors[ci - 1] if ci > 0 else None
             entries = [("default", DEFAULT_ROLE_NAME, default)] + [("role", r, roles.get(r)) for r in role_names]
@@ -512,7 +498,7 @@ def projection_tables(names: Sequence[str], vectors: Sequence[tuple[Tensor, dict
                 prev = None if previous is None else (previous[0] if kind == "default" else previous[1].get(rname))
                 if prev is not None:
                     row["dist_to_previous"] = float((v - prev[li]).norm())
-                if counts is not None and kind == "role":
+                if counts is not None:
                     row["n_responses"] = counts[ci].get(rname)
                 rows.append(row)
             srow = {"checkpoint": name, "checkpoint_index": ci, "layer": int(layer), "n_roles": len(roles),
@@ -578,7 +564,7 @@ def run_project_checkpoints(config: CheckpointsConfig, progress: ProgressCallbac
         result = extract_checkpoint(r, folder, needed, layers, config, bundle, tracker, stop_event, loader)
         report.checkpoints.append(result)
         log.info("checkpoint %s: %d extracted, %d stored before", r.spec.name, result.extracted, result.already_done)
-        if result.stopped or (stop_event is not None and stop_event.is_set()):
+        if result.stopped:
             report.stopped = True
             break
     if report.stopped or any(c.remaining for c in report.checkpoints):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-from pipeline import axis_step, build_roles, extract, generate, judge, question_extraction, role_import, rollouts, vectors
+from pipeline import (axis_step, build_roles, checkpoints, drift, extract, generate, judge, question_extraction,
+                      role_import, rollouts, vectors)
 from pipeline.llm import LLMError
 from pipeline.manifest import RunMismatchError
 from pipeline.role_schema import RoleDataError
@@ -14,7 +14,8 @@ from steering.axis_io import AxisFileError
 from steering.chat_format import ChatTemplateError
 from steering.models import ModelLoadError
 
-STEP_MODULES = (build_roles, question_extraction, role_import, rollouts, generate, extract, judge, vectors, axis_step)
+STEP_MODULES = (build_roles, question_extraction, role_import, rollouts, generate, extract, judge, vectors, axis_step,
+                checkpoints, drift)
 CLEAR_ERRORS = (LLMError, RunMismatchError, RoleDataError, AxisFileError, ChatTemplateError, ModelLoadError,
                 FileNotFoundError, ValueError)
 

@@ -3,8 +3,9 @@
 Two analyses:
 
 * **Transcript projection** (``--transcript FILE``): a multi-turn conversation, either a JSON list of
-  ``{"role", "content"}`` messages or an object with a ``"messages"`` list (the chat tab's export;
-  an optional ``"system_prompt"`` is prepended), is rendered with the model's chat template and run
+  ``{"role", "content"}`` messages, an object with a ``"messages"`` list (an optional
+  ``"system_prompt"`` is prepended), or the chat tab's export (``"turns"``; ``--side`` picks the
+  steered or baseline thread), is rendered with the model's chat template and run
   through the model once. Every assistant turn's own tokens (located exactly as in ``extract``) are
   projected onto the unit axis at the chosen layers: per token and as the mean per turn.
 * **Scripted conversation** (``--script FILE``): a list of user turns (a JSON list of strings, a list
@@ -72,13 +73,38 @@ def _read_json(source: str | os.PathLike | Any) -> Any:
     return source
 
 
-def load_transcript(source: str | os.PathLike | list | dict) -> list[dict[str, str]]:
-    """Messages of a transcript file or object: a list of messages or ``{"messages": [...]}``."""
+def _chat_export_messages(data: dict, side: str) -> tuple[str | None, list[dict]]:
+    """Messages of one thread of the chat tab's export (``assistant-axis-lab/chat-transcript``)."""
+    if side not in {"steered", "baseline"}:
+        raise ValueError(f"side must be 'steered' or 'baseline', got {side!r}")
+    messages, system = [], None
+    for index, turn in enumerate(data["turns"]):
+        if not isinstance(turn, dict) or "user" not in turn:
+            raise ValueError(f"chat transcript turn {index} has no 'user' text")
+        reply = turn.get(side) or turn.get("steered") or {}
+        messages.append({"role": "user", "content": turn["user"]})
+        messages.append({"role": "assistant", "content": reply.get("text", "") if isinstance(reply, dict) else ""})
+        system = (turn.get("settings") or {}).get("system_prompt") or system
+    return system, messages
+
+
+def load_transcript(source: str | os.PathLike | list | dict, side: str = "steered") -> list[dict[str, str]]:
+    """Messages of a transcript file or object.
+
+    Accepted: a list of ``{role, content}`` messages; an object with a ``"messages"`` list (and an
+    optional ``"system_prompt"``); the chat tab's export (``"turns"`` of ``{"user", "steered",
+    "baseline", "settings"}``), of which ``side`` picks the thread (``baseline`` falls back to the
+    steered reply on turns without one). Re-projecting a steered thread runs the model without
+    the intervention; the export itself holds the live (intervened) projections.
+    """
     data = _read_json(source)
     system = None
     if isinstance(data, dict):
-        system = data.get("system_prompt") or data.get("system")
-        data = data.get("messages", data.get("conversation"))
+        if "messages" not in data and isinstance(data.get("turns"), list):
+            system, data = _chat_export_messages(data, side)
+        else:
+            system = data.get("system_prompt") or data.get("system")
+            data = data.get("messages", data.get("conversation"))
     if not isinstance(data, list):
         raise ValueError("a transcript is a JSON list of {role, content} messages or an object with a 'messages' list")
     messages = []
@@ -463,6 +489,8 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--layers", default=None, help="'middle' (default), 'all', '3,5,7' or a slice '10:20'")
     parser.add_argument("--transcript", type=Path, default=None,
                         help="JSON list of {role, content} messages, or an object with a 'messages' list")
+    parser.add_argument("--side", choices=["steered", "baseline"], default="steered",
+                        help="which thread of a chat-tab export to project (default: steered)")
     parser.add_argument("--script", type=Path, default=None,
                         help="JSON list of user turns (or {'system_prompt', 'turns'}) to play against the model")
     parser.add_argument("--system-prompt", default=None, help="system prompt for --script (overrides the file's)")
@@ -490,7 +518,7 @@ def run_cli(args: argparse.Namespace) -> int:
     bundle.check_compatible(model.n_layers, model.d_model, model_id)
     layers = select_layers(args.layers, model.n_layers)
     if args.transcript is not None:
-        result = project_transcript(model, load_transcript(args.transcript), bundle, layers,
+        result = project_transcript(model, load_transcript(args.transcript, args.side), bundle, layers,
                                     label=args.transcript.stem)
         files = save_drift(result, args.out, "transcript")
         print(f"drift: {result.turns['turn'].nunique()} assistant turns at layers {layers} -> {files['turns']}")

@@ -383,16 +383,19 @@ def _read_manifest(run_dir: Path) -> dict[str, Any]:
 
 
 def dataset_card(bundle: AxisBundle, repo_id: str, files: list[str], manifest: dict[str, Any] | None = None,
-                 folder: str = "") -> str:
+                 folder: str = "", repo_type: str = "dataset") -> str:
     """README.md for an uploaded axis: what it is, how it was made, how to load it, and the citation."""
     meta = bundle.metadata
     manifest = manifest or {}
-    model = meta.model_id or manifest.get("model_id") or manifest.get("model") or "unknown model"
-    revision = meta.revision or manifest.get("revision") or manifest.get("model_revision")
+    run_model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    model = meta.model_id or run_model.get("model_id") or "unknown model"
+    revision = meta.revision or run_model.get("revision")
     settings = dict(meta.settings)
-    for key in ("settings", "config", "steps"):
-        if isinstance(manifest.get(key), dict):
-            settings.setdefault(f"manifest.{key}", manifest[key])
+    steps = manifest.get("steps")
+    if isinstance(steps, dict) and "steps" not in settings:
+        settings["steps"] = {name: entry.get("settings") for name, entry in steps.items() if isinstance(entry, dict)}
+    if isinstance(manifest.get("versions"), dict):
+        settings.setdefault("versions", manifest["versions"])
     prefix = f"{folder}/" if folder else ""
     lines = [
         "---",
@@ -443,7 +446,7 @@ def dataset_card(bundle: AxisBundle, repo_id: str, files: list[str], manifest: d
         "from huggingface_hub import hf_hub_download",
         "from steering.axis_io import load_axis  # Assistant Axis Lab",
         "",
-        f"bundle = load_axis(hf_hub_download({repo_id!r}, {prefix + NATIVE_AXIS_FILE!r}, repo_type='dataset'))",
+        f"bundle = load_axis(hf_hub_download({repo_id!r}, {prefix + NATIVE_AXIS_FILE!r}, repo_type={repo_type!r}))",
         "axis = bundle.axis  # [n_layers, d_model]",
         "```",
         "",
@@ -458,7 +461,7 @@ def dataset_card(bundle: AxisBundle, repo_id: str, files: list[str], manifest: d
 
 
 def stage_run_for_upload(run_dir: str | os.PathLike, staging: str | os.PathLike, repo_id: str,
-                         folder: str = "", paper_copy: bool = True) -> list[str]:
+                         folder: str = "", paper_copy: bool = True, repo_type: str = "dataset") -> list[str]:
     """Copy what gets published from ``run_dir`` into ``staging``; returns the repo paths.
 
     Published: ``axis.safetensors`` (required), ``vectors.safetensors`` and ``manifest.json`` when
@@ -492,7 +495,7 @@ def stage_run_for_upload(run_dir: str | os.PathLike, staging: str | os.PathLike,
         torch.save(bundle.axis.clone(), out / PAPER_AXIS_FILE)
         names.append(PAPER_AXIS_FILE)
     repo_paths = [prefix + n for n in names]
-    card = dataset_card(bundle, repo_id, repo_paths, _read_manifest(run), folder)
+    card = dataset_card(bundle, repo_id, repo_paths, _read_manifest(run), folder, repo_type)
     card_path = Path(staging) / "README.md"
     card_path.write_text(card, encoding="utf-8")
     return ["README.md"] + repo_paths
@@ -527,7 +530,8 @@ def upload_run(
         raise HubNetworkError(f"uploading to {repo_id}: HF_HUB_OFFLINE=1 is set, so nothing can be sent to the Hub; "
                               "unset it to upload")
     with tempfile.TemporaryDirectory(prefix="axis-upload-") as staging:
-        paths = stage_run_for_upload(run_dir, staging, repo_id, folder=folder, paper_copy=paper_copy)
+        paths = stage_run_for_upload(run_dir, staging, repo_id, folder=folder, paper_copy=paper_copy,
+                                     repo_type=repo_type)
         api = HfApi(endpoint=url, token=token)
         label = f"uploading to {_repo_label(repo_id, repo_type)}"
         try:

@@ -27,11 +27,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from steering.atomic_io import atomic_write_text
 
 __all__ = [
     "RoleDataError",
@@ -423,8 +424,7 @@ def role_to_dict(role: Role) -> dict[str, Any]:
 def write_role_file(path: str | os.PathLike[str], role: Role) -> None:
     """Validate *role* and write it to *path* atomically.
 
-    The JSON is written to a temporary file in the same directory, flushed and
-    fsynced, then moved over *path* with :func:`os.replace`.  The file stem
+    The JSON is written with :func:`steering.atomic_io.atomic_write_text`.  The file stem
     must equal ``role.name`` so that loading it back gives the same role.
     """
     p = Path(path)
@@ -437,32 +437,7 @@ def write_role_file(path: str | os.PathLike[str], role: Role) -> None:
     validate_role_dict(role.name, data, str(p))
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
-    directory = p.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, p)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    # Make the rename itself durable where the platform allows it.
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    atomic_write_text(p, text)
 
 
 def format_eval_prompt(role: Role, question: str, answer: str) -> str:

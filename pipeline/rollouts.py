@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.manifest import record_step
-from pipeline.role_schema import (DEFAULT_ROLE_NAME, RoleSet, load_role_dir, shipped_role_set, write_role_file)
+from pipeline.role_schema import RoleSet, load_role_dir, shipped_role_set, write_role_file
 from pipeline.store import RunPaths, atomic_write_text, write_parquet_atomic
 
 ROLLOUT_COLUMNS = ("rollout_id", "role", "prompt_index", "question_index", "sample_index", "system_prompt", "question")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline import rollouts
 from pipeline.axis_step import AxisConfig, run_axis
-from pipeline.extract import AGGREGATIONS, ExtractConfig, parse_layers, run_extract
+from pipeline.extract import AGGREGATIONS, ExtractConfig, run_extract
 from pipeline.generate import BACKENDS, GenerateConfig, add_generation_arguments, run_generate
 from pipeline.judge import JudgeConfig, judge_run
 from pipeline.llm import PROVIDERS, LLMConfig

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -64,3 +66,34 @@ def atomic_write_with(path: str | os.PathLike, writer) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+_directory_lock = threading.Lock()
+
+
+def build_directory_once(target: str | os.PathLike, build: Callable[[Path], None],
+                         marker: str = ".build-complete", note: str = "") -> Path:
+    """Create directory ``target`` once, atomically.
+
+    ``build(staging)`` fills a fresh sibling staging directory, which gets a ``marker`` file and is
+    then renamed to ``target``. A finished ``target`` (marker present) is returned as it is; a
+    crash leaves at most a staging directory behind, never a half-filled ``target``.
+    """
+    target = Path(target)
+    if (target / marker).exists():
+        return target
+    with _directory_lock:
+        if (target / marker).exists():
+            return target
+        staging = target.parent / f".{target.name}.{uuid.uuid4().hex}"
+        staging.mkdir(parents=True)
+        try:
+            build(staging)
+            (staging / marker).write_text(note or "complete\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return target

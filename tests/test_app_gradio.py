@@ -92,6 +92,33 @@ def test_roles_browse_view_and_save(app) -> None:
                   api_name="/role_save")
 
 
+def test_roles_build_with_llm_and_import(app, openai_server, no_llm_keys, tmp_path: Path) -> None:
+    answer = {"instruction": [{"pos": f"You are a patient tutor, take {i}."} for i in range(5)],
+              "questions": ["How do you explain fractions?", "What do you do when a student is stuck?"],
+              "eval_prompt": "Question: {question}\nAnswer: {answer}\nScore 0 refuses, 1 AI helps, 2 AI with "
+                             "traits, 3 fully a tutor. Reply with the digit."}
+    openai_server.default_text = json.dumps(answer)
+    c = client(app)
+    status, report = c.predict("openai", "gpt-4.1-mini", openai_server.base_url, "test-key", "tutor", None, None, 2,
+                               api_name="/build_roles")
+    assert status.startswith("**Done**") and report["done"] == ["tutor"]
+    assert json.loads((app.workspace / "roles" / "tutor.json").read_text())["questions"] == answer["questions"]
+    with pytest.raises(Exception, match="ANTHROPIC_API_KEY"):
+        c.predict("anthropic", "", "", "", "tutor", None, None, 2, api_name="/build_roles")
+
+    from pipeline.role_schema import ROLES_DIR, QUESTIONS_FILE
+
+    source = tmp_path / "my-set"
+    source.mkdir()
+    for name in ("default", "pirate", "ghost"):
+        (source / f"{name}.json").write_text((ROLES_DIR / f"{name}.json").read_text())
+    (source / "extraction_questions.jsonl").write_text(QUESTIONS_FILE.read_text())
+    report, role_set = c.predict(str(source), "auto", "", "", "", "set1", False, api_name="/import_roles")
+    assert report["roles"] == ["ghost", "pirate"] and role_set["value"] == "imported/set1"
+    table = c.predict("", "all", "imported/set1", api_name="/roles_search")
+    assert {row[0] for row in table["data"] if "this set" in row[3]} == {"ghost", "pirate"}
+
+
 # --------------------------------------------------------------------------- chat
 
 
@@ -195,7 +222,7 @@ def test_hub_errors_are_clear(app, monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------- pipeline
 
 
-def test_pipeline_tab_runs_every_step_and_shows_results(app, openai_server, tmp_path: Path) -> None:
+def test_pipeline_tab_runs_every_step_and_shows_results(app, openai_server, no_llm_keys, tmp_path: Path) -> None:
     run = tmp_path / "run"
     c = client(app)
 
@@ -215,6 +242,8 @@ def test_pipeline_tab_runs_every_step_and_shows_results(app, openai_server, tmp_
     report, _ = step("extract")
     assert report["extracted"] == 3
     openai_server.default_text = "3"
+    with pytest.raises(Exception, match="OPENAI_API_KEY"):
+        step("judge", jkey="", jurl="")
     report, _ = step("judge")
     assert report["scored"] == 2
     report, _ = step("vectors")

@@ -189,12 +189,15 @@ def test_tables_match_direct_computation(setup, first_run):
     # persona PCs of the final checkpoint
     names = sorted(["pirate", "ghost", "stoic"])
     for li, layer in enumerate([1, 2]):
-        res = pca(torch.stack([vectors["final"][n][li] for n in names]), axis[layer], n_components=3)
+        res = pca(torch.stack([vectors["final"][n][li] for n in names]), axis[layer], n_components=2)
         for role in names:
             coords = (vectors["perturbed"][role][li] - res.mean) @ res.components.T
             row = pert[(pert["name"] == role) & (pert["layer"] == layer)]
             assert row["pc1"].item() == pytest.approx(float(coords[0]), abs=1e-4)
             assert row["pc2"].item() == pytest.approx(float(coords[1]), abs=1e-4)
+    assert "pc3" not in table.columns  # 3 roles span 2 PCs
+    counts = table[(table["checkpoint"] == "final") & (table["layer"] == 1)].set_index("name")["n_responses"]
+    assert counts.to_dict() == {"default": 3, "ghost": 2, "pirate": 2, "stoic": 3}
     # summary: the run's axis is the final checkpoint's own axis
     summary = report.summary.set_index(["checkpoint", "layer"])
     for layer in (1, 2):

@@ -67,6 +67,28 @@ def test_transcript_projection_matches_forward_pass(tiny_model):
     assert len(drift.drift_figure(result, layer=2, per="turn").data) == 1
 
 
+def test_transcript_fallback_per_turn(tiny_model, monkeypatch):
+    """A template that renders earlier turns differently inside the full conversation: one pass per turn."""
+    m = tiny_model
+    axis = _axis(m.n_layers, m.d_model)
+    reference = drift.project_transcript(m, MESSAGES, axis, layers=[1])
+    real = type(m.chat).encode
+    passes = []
+
+    def encode(self, messages, add_generation_prompt=True):
+        ids = real(self, messages, add_generation_prompt)
+        if len(messages) == len(MESSAGES) and not add_generation_prompt:
+            ids = [ids[1]] + ids[1:]  # the full rendering no longer starts like each turn's prefix
+        return ids
+
+    real_forward = drift.forward_projections
+    monkeypatch.setattr(type(m.chat), "encode", encode)
+    monkeypatch.setattr(drift, "forward_projections", lambda *a: passes.append(len(a[1])) or real_forward(*a))
+    fallback = drift.project_transcript(m, MESSAGES, axis, layers=[1])
+    assert len(passes) == 2  # one forward per assistant turn, each on its own prefix
+    pd.testing.assert_frame_equal(fallback.tokens, reference.tokens, atol=1e-5)
+
+
 def test_transcript_formats(tmp_path, tiny_model):
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps(MESSAGES))
@@ -75,6 +97,17 @@ def test_transcript_formats(tmp_path, tiny_model):
         {"role": m["role"], "content": [{"type": "text", "text": m["content"]}], "metadata": {"x": 1}}
         for m in MESSAGES[1:]]}))
     assert drift.load_transcript(plain) == drift.load_transcript(export) == MESSAGES
+    # the chat tab's export (app/transcripts.py): turns with steered/baseline replies and settings
+    chat = {"format": "assistant-axis-lab/chat-transcript", "version": 1, "turns": [
+        {"index": 0, "user": "Who are you?", "settings": {"system_prompt": "You are a pirate."},
+         "steered": {"text": MESSAGES[2]["content"], "token_ids": []}, "baseline": {"text": "I am an AI."}},
+        {"index": 1, "user": "What do you value most?", "settings": {"system_prompt": "You are a pirate."},
+         "steered": {"text": MESSAGES[4]["content"]}, "baseline": None},
+        {"index": 2, "user": "Thanks.", "settings": {"system_prompt": "You are a pirate."},
+         "steered": {"text": ""}, "baseline": None}]}
+    assert drift.load_transcript(chat)[:-1] == MESSAGES
+    baseline = drift.load_transcript(chat, side="baseline")
+    assert baseline[2]["content"] == "I am an AI." and baseline[4] == MESSAGES[4]
     with pytest.raises(ValueError, match="no assistant"):
         drift.load_transcript([{"role": "user", "content": "hi"}])
     assert drift.load_script(SCRIPT) == (None, SCRIPT)

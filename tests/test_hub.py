@@ -67,7 +67,9 @@ def run_dir(tmp_path: Path) -> Path:
     )
     save_axis(run / "axis.safetensors", bundle)
     (run / "vectors.safetensors").write_bytes(b"not really safetensors, copied as is")
-    (run / "manifest.json").write_text(json.dumps({"model_id": "tiny/model", "settings": {"seed": 0}}))
+    (run / "manifest.json").write_text(json.dumps({"model": {"model_id": "tiny/model", "revision": "abc123"},
+                                                   "steps": {"generate": {"settings": {"seed": 7}}},
+                                                   "versions": {"torch": "2.13.0"}}))
     return run
 
 
@@ -147,6 +149,7 @@ def test_upload_run(fake_hub: FakeHub, run_dir: Path, tmp_path: Path) -> None:
                                "tiny/manifest.json", "tiny/thresholds.json", "tiny/assistant_axis.pt"}
     card = repo.files["README.md"].decode()
     assert "tiny/model" in card and "abc123" in card and "2601.10387" in card and "p0.25" in card
+    assert '"seed": 7' in card and '"min_score": 3' in card and '"torch": "2.13.0"' in card
     assert json.loads(repo.files["tiny/thresholds.json"])["thresholds"]["p0.25"] == [0.1, 0.2, 0.3, 0.4]
     # Round trip: what was uploaded downloads again as the same axis.
     got = hub.download_axis("tester/my-axis", "tiny", cache_dir=tmp_path / "cache")

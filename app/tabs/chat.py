@@ -87,21 +87,21 @@ def build(ctx: AppContext, axis_state: gr.State) -> None:
                 axis_path = gr.Textbox(value=config.default_run_dir(), label="Run directory or axis file path",
                                        info="a run's axis.safetensors, or any .safetensors/.pt axis file")
                 axis_file = gr.File(label="...or upload an axis file", file_types=[".safetensors", ".pt"],
-                                    type="filepath", height=90)
+                                    type="filepath", height=130)
                 load_axis_btn = gr.Button("Load axis", size="sm")
                 axis_status = gr.Markdown("No axis loaded yet (the Hub tab can download one).",
                                           elem_id="axis-status")
             with gr.Accordion("Intervention", open=True):
                 mode = gr.Radio(_mode_choices(), value="none", label="Intervention", elem_id="intervention-mode")
-                layers = gr.Textbox(value="", label="Layers",
+                layers = gr.Textbox(value="", label="Layers", visible=False,
                                     placeholder="empty = the default band (about 70-85% of the depth)",
                                     info="e.g. 20, 18-24 (inclusive), 18:25 (Python slice) or 18,20,22")
-                coefficient = gr.Slider(-50, 50, value=8.0, step=0.5, label="c (add c x unit axis)")
-                tau_source = gr.Radio(_tau_choices(), value="axis", label="tau from")
+                coefficient = gr.Slider(-50, 50, value=8.0, step=0.5, label="c (add c x unit axis)", visible=False)
+                tau_source = gr.Radio(_tau_choices(), value="axis", label="tau from", visible=False)
                 quantile = gr.Dropdown(QUANTILE_CHOICES, value=0.25, allow_custom_value=True,
-                                       label="percentile (0-1)")
-                tau_value = gr.Number(value=0.0, label="tau (when 'a number')")
-                experiment = gr.Dropdown([], value=None, allow_custom_value=True,
+                                       label="percentile (0-1)", visible=False)
+                tau_value = gr.Number(value=0.0, label="tau (when 'a number')", visible=False)
+                experiment = gr.Dropdown([], value=None, allow_custom_value=True, visible=False,
                                          label="paper capping experiment (e.g. layers_46:54-p0.25)")
                 positions = gr.Radio(list(POSITIONS), value="all", label="positions")
             with gr.Accordion("Generation", open=False):
@@ -120,16 +120,17 @@ def build(ctx: AppContext, axis_state: gr.State) -> None:
                 stop = gr.Button("Stop", scale=1)
                 clear = gr.Button("Clear", scale=1)
             status = gr.Markdown("", elem_id="chat-status")
-            monitor_layer = gr.Number(value=-1, precision=0, minimum=-1,
-                                      label="Monitored layer (-1 = middle of the intervened band)")
             projection_plot = gr.Plot(projection_figure(Conversation(), 0), label="Projection per token",
                                       elem_id="projection-plot")
             drift_plot = gr.Plot(drift_figure(Conversation(), 0), label="Persona drift")
             with gr.Accordion("Last turn details", open=False):
                 turn_info = gr.JSON(label="last turn")
-            with gr.Row():
-                export_btn = gr.Button("Export transcript (JSON)", size="sm")
-                export_file = gr.File(label="transcript", interactive=False, height=80)
+            with gr.Row(equal_height=False):
+                monitor_layer = gr.Number(value=-1, precision=0, minimum=-1, scale=2,
+                                          label="Monitored layer (-1 = middle of the intervened band)")
+                with gr.Column(scale=2):
+                    export_btn = gr.Button("Export transcript (JSON)", size="sm")
+                    export_file = gr.File(label="transcript", interactive=False, height=80)
 
     # ------------------------------------------------------------------ callbacks
 
@@ -265,7 +266,17 @@ def build(ctx: AppContext, axis_state: gr.State) -> None:
             tokenizer=model.tokenizer if model is not None else None)
         return str(save_transcript(config.transcripts_dir, data))
 
+    def do_mode(mode_v, tau_source_v):
+        cap = mode_v == "cap"
+        return (gr.update(visible=mode_v == "add"), gr.update(visible=cap), gr.update(visible=cap),
+                gr.update(visible=cap and tau_source_v == "value"), gr.update(visible=mode_v == "paper-cap"),
+                gr.update(visible=mode_v != "none"))
+
     # ------------------------------------------------------------------ wiring
+
+    mode_outputs = [coefficient, tau_source, quantile, tau_value, experiment, layers]
+    mode.change(do_mode, [mode, tau_source], mode_outputs, api_name=False)
+    tau_source.change(do_mode, [mode, tau_source], mode_outputs, api_name=False)
 
     load_model_btn.click(do_load_model, [model_id], [model_status], api_name="load_model",
                          concurrency_id=HEAVY_CONCURRENCY_ID, concurrency_limit=1)

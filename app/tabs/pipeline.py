@@ -12,6 +12,7 @@ from app.pipeline_steps import (
     ALL,
     STEPS,
     PipelineSettings,
+    check_settings,
     responses_table,
     run_overview,
     run_vectors_view,
@@ -144,6 +145,7 @@ def build(ctx: AppContext) -> None:
             settings = settings_from(run_dir_v, model_v, set_v, roles_v, qc, pc, rpp, bs, mnt, temp, seed_v, jp,
                                      jm, jurl, jkey, jlimit, mscore, mcount, quant)
             try:
+                check_settings(step, settings)
                 fn = step_function(step, settings, ctx.models, ctx.heavy)
                 job = ctx.jobs.submit(step if step != ALL else "all steps", fn)
             except Exception as exc:
