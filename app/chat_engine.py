@@ -11,7 +11,6 @@ Turn order: the baseline answer first (needed when tau is calibrated on it), the
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -24,6 +23,7 @@ from steering.calibration import format_quantile, thresholds_from_projections
 from steering.capping_config import CappingConfig
 from steering.generation import GenerationSettings, Monitor, TokenStep, stream_generate
 from steering.interventions import POSITIONS, InterventionPlan, add_axis, cap_on_axis
+from steering.layers import LayerSpecError, default_capping_band, parse_layer_spec
 from steering.models import LoadedModel
 
 MODES = ("none", "add", "cap", "paper-cap")
@@ -95,51 +95,16 @@ def load_axis_from_path(path: str | Path) -> AxisChoice:
 # --------------------------------------------------------------------------- settings
 
 
-_RANGE = re.compile(r"^(-?\d+)\s*-\s*(-?\d+)$")
-_SLICE = re.compile(r"^(-?\d*)\s*:\s*(-?\d*)$")
-
-
 def parse_layers(text: str | None, n_layers: int) -> list[int]:
-    """Layers from text: ``all``, ``12`` , ``10-14`` (inclusive), ``10:15`` (Python slice), or a comma list of those."""
-    text = (text or "").strip().lower()
-    if text in ("", "all"):
-        return list(range(n_layers))
-    layers: set[int] = set()
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        if (m := _SLICE.match(part)) is not None:
-            a, b = m.groups()
-            layers.update(range(n_layers)[slice(int(a) if a else None, int(b) if b else None)])
-            continue
-        if (m := _RANGE.match(part)) is not None:
-            a, b = int(m.group(1)), int(m.group(2))
-            if a > b:
-                raise ChatSetupError(f"layers {part!r}: the range runs backwards")
-            chosen = list(range(a, b + 1))
-        elif re.fullmatch(r"-?\d+", part):
-            chosen = [int(part)]
-        else:
-            raise ChatSetupError(f"layers {part!r}: write e.g. '20', '18-24', '18:25' or '18,20,22'")
-        for layer in chosen:
-            index = layer + n_layers if layer < 0 else layer
-            if not 0 <= index < n_layers:
-                raise ChatSetupError(f"layer {layer} is outside the model's 0..{n_layers - 1}")
-            layers.add(index)
-    if not layers:
-        raise ChatSetupError(f"layers {text!r} select no layer of a {n_layers}-layer model")
-    return sorted(layers)
-
-
-def default_band(n_layers: int) -> str:
-    """A capping band in the paper's region (roughly 70-85% of the depth), as ``a:b`` text."""
-    start = max(0, int(round(0.70 * n_layers)))
-    stop = max(start + 1, int(round(0.85 * n_layers)))
-    return f"{start}:{min(stop, n_layers)}"
+    """:func:`steering.layers.parse_layer_spec`, with errors shown as chat setup errors."""
+    try:
+        return parse_layer_spec(text, n_layers)
+    except LayerSpecError as exc:
+        raise ChatSetupError(str(exc)) from exc
 
 
 def default_monitor_layer(n_layers: int) -> int:
-    layers = parse_layers(default_band(n_layers), n_layers)
+    layers = parse_layers(default_capping_band(n_layers), n_layers)
     return layers[len(layers) // 2]
 
 
@@ -279,7 +244,7 @@ def resolve_intervention(axis: AxisChoice | None, steer: SteerSettings, n_layers
         plan = InterventionPlan(list(floors), positions=steer.positions)
         note = f"paper capping experiment {steer.experiment} on {len(floors)} layers"
         return plan, taus, sorted({f.layer for f in floors}), note
-    layers = parse_layers(steer.layers or default_band(n_layers), n_layers)
+    layers = parse_layers(steer.layers or default_capping_band(n_layers), n_layers)
     if steer.mode == "add":
         plan = InterventionPlan(list(add_axis(bundle.axis, layers, float(steer.coefficient))), positions=steer.positions)
         return plan, {}, layers, f"add {float(steer.coefficient):+g} x unit axis at layers {_layer_text(layers)}"

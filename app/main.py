@@ -34,11 +34,12 @@ def build_demo(config: AppConfig | None = None, ctx: AppContext | None = None) -
             with gr.Tab("Roles", id="roles"):
                 roles.build(ctx)
             with gr.Tab("Pipeline", id="pipeline"):
-                pipeline.build(ctx)
+                pipeline_on_load = pipeline.build(ctx)
             with gr.Tab("Steer & cap chat", id="chat", elem_id="chat-tab"):
                 chat.build(ctx, axis_state)
             with gr.Tab("Hub", id="hub"):
                 hub.build(ctx, axis_state)
+        pipeline_on_load(demo)
     demo.queue(default_concurrency_limit=4)
     demo.app_context = ctx  # for tests and scripts
     return demo

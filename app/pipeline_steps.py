@@ -93,15 +93,12 @@ def step_function(step: str, settings: PipelineSettings, models: ModelStore,
     def generate(job: Job) -> Any:
         from pipeline.generate import GenerateConfig, run_generate
 
-        if settings.device.startswith("cuda") and models.loaded is not None:
-            # The generation backend loads its own copy of the weights: make room on the GPU first.
-            models.unload()
-            job.add_log("unloaded the chat model to free GPU memory; it reloads on next use")
+        same = models.dtype == settings.dtype and models.device == settings.device
         report = run_generate(GenerateConfig(
             run_dir=run_dir, model_id=settings.model_id, dtype=settings.dtype, device=settings.device,
             batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed),
-            progress=job.progress, stop_event=job.stop_event)
+            progress=job.progress, stop_event=job.stop_event, model=models.get(settings.model_id) if same else None)
         return _report_dict(report)
 
     def extract(job: Job) -> Any:
@@ -208,36 +205,45 @@ def run_overview(run_dir: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
-def responses_table(run_dir: str | os.PathLike, role: str | None = None, text: str | None = None,
-                    limit: int = 300) -> pd.DataFrame:
-    """Saved responses with their judge score (``None`` = not scored), filtered by role and text."""
+RESPONSE_TABLE_COLUMNS = ["role", "score", "question", "response", "finish_reason", "n_tokens", "rollout_id"]
+
+
+def scored_responses(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every saved response of a run with its judge score (``None`` = not scored), sorted by role."""
     from pipeline.judge import read_scores
     from pipeline.store import read_responses
 
     run = Path(run_dir).expanduser()
-    columns = ["role", "score", "question", "response", "finish_reason", "n_tokens", "rollout_id"]
-    if not run.is_dir():
-        return pd.DataFrame(columns=columns)
-    frame = read_responses(run)
+    frame = read_responses(run) if run.is_dir() else pd.DataFrame()
     if frame.empty:
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=RESPONSE_TABLE_COLUMNS)
     scores = read_scores(run)
     frame = frame.assign(score=[scores.get(r) for r in frame["rollout_id"]])
+    return frame.sort_values(["role", "rollout_id"])[RESPONSE_TABLE_COLUMNS].reset_index(drop=True)
+
+
+def filter_responses(frame: pd.DataFrame, role: str | None = None, text: str | None = None,
+                     limit: int | None = 300) -> pd.DataFrame:
+    """Rows of one role and/or whose question or response contains ``text`` (case-insensitive)."""
     if role:
         frame = frame[frame["role"] == role]
     if text:
         needle = text.lower()
         frame = frame[frame["question"].str.lower().str.contains(needle, regex=False)
-                      | frame["response"].str.lower().str.contains(needle, regex=False)]
-    frame = frame.sort_values(["role", "rollout_id"])
-    return frame[columns].head(limit).reset_index(drop=True)
+                      | frame["response"].fillna("").str.lower().str.contains(needle, regex=False)]
+    return (frame.head(limit) if limit is not None else frame).reset_index(drop=True)
 
 
-def score_lists(run_dir: str | os.PathLike) -> tuple[list[str], list[int | None]]:
-    """(role, score) of every judged character-role response, for the histogram."""
-    table = responses_table(run_dir, limit=10**9)
-    table = table[table["role"] != "default"]
-    return list(table["role"]), [None if pd.isna(s) else int(s) for s in table["score"]]
+def responses_table(run_dir: str | os.PathLike, role: str | None = None, text: str | None = None,
+                    limit: int | None = 300) -> pd.DataFrame:
+    """:func:`scored_responses` filtered with :func:`filter_responses`."""
+    return filter_responses(scored_responses(run_dir), role, text, limit)
+
+
+def score_lists(frame: pd.DataFrame) -> tuple[list[str], list[int | None]]:
+    """(role, score) of every character-role response of a :func:`scored_responses` table, for the histogram."""
+    frame = frame[frame["role"] != "default"]
+    return list(frame["role"]), [None if pd.isna(s) else int(s) for s in frame["score"]]
 
 
 @dataclass

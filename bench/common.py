@@ -15,7 +15,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS_DIR = ROOT / "bench" / "results"
@@ -160,6 +160,50 @@ def interleave(variants: dict[str, Callable[[], tuple[float, Any]]], rounds: int
             measurements[name].units = units
             results[name] = result
             log(f"  round {r + 1}/{rounds} {name}: {elapsed:.2f} s ({units / elapsed if elapsed else 0:.1f}/s)")
+    return measurements, results
+
+
+def run_steps(steps: Iterator[None]) -> Any:
+    """Drive a step generator (see :func:`interleave_steps`) to the end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def interleave_steps(variants: dict[str, Callable[[], Iterator[None]]], rounds: int,
+                     log: Callable[[str], None] = print) -> tuple[dict[str, Measurement], dict[str, Any]]:
+    """Like :func:`interleave`, but the variants take turns step by step (e.g. one batch each).
+
+    ``fn()`` returns a generator that yields after each step and returns ``(units, result)``. Each
+    ``next()`` is timed and added to that variant's time, so a load spike on a shared machine lands
+    on every variant alike instead of on whichever ran during it.
+    """
+    names = list(variants)
+    measurements = {name: Measurement(name) for name in names}
+    results: dict[str, Any] = {}
+    for r in range(rounds):
+        gc.collect()
+        order = names[r % len(names):] + names[: r % len(names)]
+        running = {name: variants[name]() for name in order}
+        elapsed = {name: 0.0 for name in order}
+        while running:
+            for name in list(running):
+                start = time.perf_counter()
+                try:
+                    next(running[name])
+                except StopIteration as stop:
+                    elapsed[name] += time.perf_counter() - start
+                    units, results[name] = stop.value
+                    measurements[name].units = units
+                    del running[name]
+                    continue
+                elapsed[name] += time.perf_counter() - start
+        for name in order:
+            measurements[name].times.append(elapsed[name])
+            rate = measurements[name].units / elapsed[name] if elapsed[name] else 0.0
+            log(f"  round {r + 1}/{rounds} {name}: {elapsed[name]:.2f} s ({rate:.1f}/s)")
     return measurements, results
 
 

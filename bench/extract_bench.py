@@ -17,12 +17,12 @@ the layers requested (it hooks and keeps every layer), so it runs once, with eve
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from bench.common import (Options, apply_threads, capping_layers, format_table, interleave, machine_info,
-                          per_round_ratios, profile_call, ratio, write_result)
+from bench.common import (Options, apply_threads, capping_layers, format_table, interleave_steps, machine_info,
+                          per_round_ratios, profile_call, ratio, run_steps, write_result)
 from bench.corpus import synthesize_responses
 from bench.models import load_pipeline_model, load_plain_hf
 from pipeline.extract import SpanItem, extract_batch, make_batches, spans_for_responses
@@ -46,15 +46,29 @@ def defaults(options: Options) -> tuple[int, int, int]:
 def pipeline_extract(model, frame, layers: Sequence[int], batch_size: int,
                      max_batch_tokens: int = PIPELINE_MAX_BATCH_TOKENS, sort: bool = True) -> tuple[int, dict]:
     """The pipeline's extraction of every response of ``frame``; (response tokens, {rollout_id: [L, D]})."""
+    return run_steps(pipeline_steps(model, frame, layers, batch_size, max_batch_tokens, sort))
+
+
+def baseline_extract(hf_model, tokenizer, frame, layers: Sequence[int], batch_size: int, *,
+                     sort: bool = False, stop_early: bool = False) -> tuple[int, dict]:
+    """The baseline (see :func:`baseline_steps`) run to the end."""
+    return run_steps(baseline_steps(hf_model, tokenizer, frame, layers, batch_size, sort=sort, stop_early=stop_early))
+
+
+def pipeline_steps(model, frame, layers: Sequence[int], batch_size: int,
+                   max_batch_tokens: int = PIPELINE_MAX_BATCH_TOKENS, sort: bool = True) -> Iterator[None]:
+    """:func:`pipeline_extract` as a generator that yields after tokenizing and after each batch."""
     items, _empty = spans_for_responses(model, frame)
     if sort:
         batches = make_batches(items, batch_size, max_batch_tokens)
     else:  # ablation: the same code on input-order batches
         batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    yield
     out: dict[str, torch.Tensor] = {}
     for batch in batches:
         for item, tensor in zip(batch, extract_batch(model, batch, list(layers), "mean")):
             out[item.rollout_id] = tensor
+        yield
     return sum(item.end - item.start for item in items), out
 
 
@@ -62,8 +76,8 @@ class _StopForward(Exception):
     pass
 
 
-def baseline_extract(hf_model, tokenizer, frame, layers: Sequence[int], batch_size: int, *,
-                     sort: bool = False, stop_early: bool = False) -> tuple[int, dict]:
+def baseline_steps(hf_model, tokenizer, frame, layers: Sequence[int], batch_size: int, *,
+                   sort: bool = False, stop_early: bool = False) -> Iterator[None]:
     """Forward hooks on every decoder layer, right-padded input-order batches, mean over the response.
 
     ``sort`` and ``stop_early`` are ablations (sorted batches; raise out of the forward after the
@@ -91,28 +105,30 @@ def baseline_extract(hf_model, tokenizer, frame, layers: Sequence[int], batch_si
                 raise _StopForward
         return hook
 
-    handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(decoder_layers)]
+    yield
     out: dict[str, torch.Tensor] = {}
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                width = max(len(item.input_ids) for item in batch)
-                ids = torch.full((len(batch), width), int(pad), dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, item in enumerate(batch):
-                    ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
-                    mask[row, : len(item.input_ids)] = 1
-                captured.clear()
-                try:
-                    hf_model(input_ids=ids, attention_mask=mask)
-                except _StopForward:
-                    pass
-                for row, item in enumerate(batch):
-                    out[item.rollout_id] = torch.stack(
-                        [captured[layer][row, item.start:item.end].to(torch.float32).mean(0) for layer in layers])
-    finally:
-        for handle in handles:
-            handle.remove()
+    for batch in batches:
+        width = max(len(item.input_ids) for item in batch)
+        ids = torch.full((len(batch), width), int(pad), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, item in enumerate(batch):
+            ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
+            mask[row, : len(item.input_ids)] = 1
+        # Hooks live for one forward only: interleaved variants share the model between steps.
+        handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(decoder_layers)]
+        try:
+            with torch.no_grad():
+                hf_model(input_ids=ids, attention_mask=mask)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        for row, item in enumerate(batch):
+            out[item.rollout_id] = torch.stack(
+                [captured[layer][row, item.start:item.end].to(torch.float32).mean(0) for layer in layers])
+        captured.clear()
+        yield
     return sum(item.end - item.start for item in items), out
 
 
@@ -155,6 +171,7 @@ def max_relative_difference(ours: dict[str, torch.Tensor], reference: dict[str, 
 
 def run(options: Options, log=print) -> dict[str, Any]:
     threads = apply_threads(options)
+    machine = machine_info()
     n, max_tokens, rounds = defaults(options)
     log(f"extract: loading models ({options.model_id or 'default SmolLM2-135M-Instruct'}, fp32, cpu, "
         f"{threads} torch threads)")
@@ -167,27 +184,28 @@ def run(options: Options, log=print) -> dict[str, Any]:
     log(f"extract: {n} synthesized responses (<= {max_tokens} tokens), batch size {bs}, "
         f"layers: all {model.n_layers} and {len(eight)} ({eight[0]}..{eight[-1]}), {rounds} round(s)")
 
-    variants = {
-        "baseline (HF hooks, all layers kept)": lambda f: baseline_extract(hf_model, hf_tokenizer, f, all_layers, bs),
-        "pipeline, all layers": lambda f: pipeline_extract(model, f, all_layers, bs),
-        f"pipeline, {len(eight)} layers": lambda f: pipeline_extract(model, f, eight, bs),
+    variants = {  # each: frame -> step generator (yields after tokenizing and after every batch)
+        "baseline (HF hooks, all layers kept)": lambda f: baseline_steps(hf_model, hf_tokenizer, f, all_layers, bs),
+        "pipeline, all layers": lambda f: pipeline_steps(model, f, all_layers, bs),
+        f"pipeline, {len(eight)} layers": lambda f: pipeline_steps(model, f, eight, bs),
     }
     if options.ablations:
         variants.update({
             "ablation: pipeline, all layers, input-order batches":
-                lambda f: pipeline_extract(model, f, all_layers, bs, sort=False),
+                lambda f: pipeline_steps(model, f, all_layers, bs, sort=False),
             "ablation: baseline, sorted batches":
-                lambda f: baseline_extract(hf_model, hf_tokenizer, f, all_layers, bs, sort=True),
+                lambda f: baseline_steps(hf_model, hf_tokenizer, f, all_layers, bs, sort=True),
             "ablation: baseline, sorted + stop after last layer (no logits)":
-                lambda f: baseline_extract(hf_model, hf_tokenizer, f, all_layers, bs, sort=True, stop_early=True),
+                lambda f: baseline_steps(hf_model, hf_tokenizer, f, all_layers, bs, sort=True, stop_early=True),
             f"ablation: baseline, sorted + stop after layer {eight[-1]}":
-                lambda f: baseline_extract(hf_model, hf_tokenizer, f, eight, bs, sort=True, stop_early=True),
+                lambda f: baseline_steps(hf_model, hf_tokenizer, f, eight, bs, sort=True, stop_early=True),
         })
     warm = frame.iloc[: min(len(frame), bs)]
     for fn in variants.values():  # first-call costs (allocator, lazy init) out of the timed rounds
-        fn(warm)
-    measurements, results = interleave({name: (lambda fn=fn: fn(frame)) for name, fn in variants.items()},
-                                       rounds, log=log)
+        run_steps(fn(warm))
+    # The variants take turns batch by batch, so load spikes of a shared machine hit all of them alike.
+    measurements, results = interleave_steps({name: (lambda fn=fn: fn(frame)) for name, fn in variants.items()},
+                                             rounds, log=log)
     names = list(variants)
     base, p_all, p_eight = (measurements[k] for k in names[:3])
 
@@ -224,7 +242,7 @@ def run(options: Options, log=print) -> dict[str, Any]:
         f"{'met' if all(targets.values()) else 'MISSED'}")
 
     payload: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": machine,
         "settings": {"model": options.model_id or "default (SmolLM2-135M-Instruct, embedded)", "dtype": "float32",
                      "device": "cpu", "n_responses": n, "max_response_tokens": max_tokens, "batch_size": bs,
                      "pipeline_max_batch_tokens": PIPELINE_MAX_BATCH_TOKENS, "rounds": rounds,

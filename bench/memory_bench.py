@@ -101,6 +101,7 @@ def run(options: Options, log=print) -> dict[str, Any]:
     from bench.models import spec_for
     from steering.models import resolve_model_source
 
+    machine = machine_info()
     n, max_tokens = defaults(options)
     resolve_model_source(spec_for(options.model_id))  # export the embedded model now, not inside a measurement
     log(f"memory: {len(CASES)} subprocesses; extraction of {n} synthesized responses (<= {max_tokens} tokens), "
@@ -125,7 +126,7 @@ def run(options: Options, log=print) -> dict[str, Any]:
     log(f"\nparameter bytes: {params / 2 ** 20:.0f} MiB (fp32, tied weights once); pipeline extract peak above "
         f"imports is {ratios['pipeline_extract_vs_hf_extract (above imports)']:.2f}x the HF baseline's")
     payload = {
-        "machine": machine_info(),
+        "machine": machine,
         "settings": {"model": options.model_id or "default (SmolLM2-135M-Instruct, embedded)", "dtype": "float32",
                      "n_responses": n, "max_response_tokens": max_tokens, "batch_size": options.batch_size,
                      "measure": "ru_maxrss of a fresh subprocess per case"},

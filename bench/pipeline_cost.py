@@ -133,6 +133,7 @@ def run(options: Options, log=print) -> dict[str, Any]:
     from steering.models import DEFAULT_MODEL_ID, load_model
 
     threads = apply_threads(options)
+    machine = machine_info()
     n_roles, n_prompts, n_questions, max_new_tokens = shape(options)
     model_id = options.model_id or DEFAULT_MODEL_ID
     run_dir = options.out_dir / f"pipeline-cost-run{'-quick' if options.quick else ''}"
@@ -196,7 +197,7 @@ def run(options: Options, log=print) -> dict[str, Any]:
     if options.quick:
         log("QUICK run: tiny shape and max_new_tokens; the projection is a smoke test, not an estimate")
     payload = {
-        "machine": machine_info(),
+        "machine": machine,
         "settings": {"model": model_id, "device": "cpu", "dtype": "float32", "roles": ["default", *characters],
                      "prompts": n_prompts, "questions": n_questions, "rollouts": n_rollouts,
                      "max_new_tokens": max_new_tokens, "batch_size": options.batch_size, "temperature": 0.7,

@@ -95,6 +95,7 @@ def manual_decode(hf_model, prompt_ids: list[int], new_tokens: int) -> list[int]
 
 def run(options: Options, log=print) -> dict[str, Any]:
     threads = apply_threads(options)
+    machine = machine_info()
     new_tokens, rounds = defaults(options)
     log(f"steer: loading models ({options.model_id or 'default SmolLM2-135M-Instruct'}, fp32, cpu, "
         f"{threads} torch threads)")
@@ -162,7 +163,7 @@ def run(options: Options, log=print) -> dict[str, Any]:
         f"unsteered greedy tokens equal plain HF: {checks['unsteered_same_tokens_as_plain']}")
 
     payload: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": machine,
         "settings": {"model": options.model_id or "default (SmolLM2-135M-Instruct, embedded)", "dtype": "float32",
                      "device": "cpu", "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens, "greedy": True,
                      "cap_layers": layers, "axis": "random (seed 0), floor 0", "rounds": rounds,

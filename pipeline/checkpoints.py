@@ -65,6 +65,7 @@ from pipeline.vectors import compute_vectors
 from steering.axis_io import AxisBundle, load_axis
 from steering.axis_math import compute_axis, cosine_per_layer, pca, project, unit
 from steering.atomic_io import build_directory_once
+from steering.layers import parse_layer_spec
 from steering.models import LoadedModel, ModelLoadError, ModelSpec, cache_root, load_model
 
 log = logging.getLogger(__name__)
@@ -77,28 +78,9 @@ LAYER_CONVENTION = "block_output"
 
 # ---------------------------------------------------------------- layers
 
-def select_layers(text: str | Sequence[int] | None, n_layers: int) -> list[int]:
-    """``"middle"``/None (``n_layers // 2``), ``"all"``, ``"3,5,7"``, a slice ``"10:20[:2]"`` or ints; negatives count from the end."""
-    if text is None or (isinstance(text, str) and text.strip() in {"", "middle", "mid"}):
-        return [n_layers // 2]
-    if isinstance(text, str):
-        text = text.strip()
-        if text == "all":
-            return list(range(n_layers))
-        if ":" in text:
-            parts = text.split(":")
-            if len(parts) > 3:
-                raise ValueError(f"bad layer slice {text!r}")
-            bounds = [int(p) if p.strip() else None for p in parts]
-            layers = list(range(n_layers))[slice(*bounds)]
-        else:
-            layers = [int(p) for p in text.split(",") if p.strip()]
-    else:
-        layers = [int(l) for l in text]
-    layers = sorted({l + n_layers if l < 0 else l for l in layers})
-    if not layers or layers[0] < 0 or layers[-1] >= n_layers:
-        raise ValueError(f"layers must be within 0..{n_layers - 1}, got {text!r}")
-    return layers
+def select_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
+    """Layers to project at: :func:`steering.layers.parse_layer_spec`, defaulting to the middle layer."""
+    return parse_layer_spec(spec, n_layers, default="middle")
 
 
 # ---------------------------------------------------------------- checkpoint specs

@@ -5,8 +5,8 @@ import argparse
 import logging
 import sys
 
-from pipeline import (axis_step, build_roles, checkpoints, drift, extract, generate, judge, question_extraction,
-                      role_import, rollouts, vectors)
+from pipeline import (axis_step, build_roles, checkpoints, drift, extract, generate, hub, judge,
+                      question_extraction, role_import, rollouts, vectors)
 from pipeline.llm import LLMError
 from pipeline.manifest import RunMismatchError
 from pipeline.role_schema import RoleDataError
@@ -15,8 +15,8 @@ from steering.chat_format import ChatTemplateError
 from steering.models import ModelLoadError
 
 STEP_MODULES = (build_roles, question_extraction, role_import, rollouts, generate, extract, judge, vectors, axis_step,
-                checkpoints, drift)
-CLEAR_ERRORS = (LLMError, RunMismatchError, RoleDataError, AxisFileError, ChatTemplateError, ModelLoadError,
+                checkpoints, drift, hub)
+CLEAR_ERRORS = (hub.HubError, LLMError, RunMismatchError, RoleDataError, AxisFileError, ChatTemplateError, ModelLoadError,
                 FileNotFoundError, ValueError)
 
 

@@ -275,7 +275,7 @@ def project_transcript(model: LoadedModel, messages: Sequence[dict], axis: Tenso
         bundle.check_compatible(model.n_layers, model.d_model, model.model_id)
     elif tuple(axis.shape) != (model.n_layers, model.d_model):
         raise ValueError(f"axis shape {tuple(axis.shape)} does not fit the model ({model.n_layers}, {model.d_model})")
-    layers = select_layers(layers, model.n_layers) if layers is None or isinstance(layers, str) else list(layers)
+    layers = select_layers(layers, model.n_layers)
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     full_ids = model.chat.encode(messages, add_generation_prompt=False)
     full_proj: Tensor | None = None
@@ -320,7 +320,7 @@ def run_script(model: LoadedModel, user_turns: Sequence[str], axis: Tensor | Axi
     if tuple(axis_tensor.shape) != (model.n_layers, model.d_model):
         raise ValueError(f"axis shape {tuple(axis_tensor.shape)} does not fit the model "
                          f"({model.n_layers}, {model.d_model})")
-    layers = select_layers(layers, model.n_layers) if layers is None or isinstance(layers, str) else list(layers)
+    layers = select_layers(layers, model.n_layers)
     capped = plan.layers if plan is not None else []
     monitored = sorted(set(layers) | set(capped))
     monitor = Monitor(axis=axis_tensor, layers=monitored)
@@ -356,9 +356,9 @@ def compare_capping(model: LoadedModel, user_turns: Sequence[str], axis: Tensor 
                     stop_event: threading.Event | None = None) -> DriftComparison:
     """Run the script without and with Assistant-axis capping (floor ``thresholds[layer]`` at ``cap_layers``)."""
     axis_tensor = axis.axis if isinstance(axis, AxisBundle) else axis.to(torch.float32)
-    layers = select_layers(layers, model.n_layers) if layers is None or isinstance(layers, str) else list(layers)
+    layers = select_layers(layers, model.n_layers)
     cap_layers = (list(layers) if cap_layers is None else
-                  select_layers(cap_layers, model.n_layers) if isinstance(cap_layers, str) else list(cap_layers))
+                  select_layers(cap_layers, model.n_layers))
     thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
     if thresholds.shape != (model.n_layers,):
         raise ValueError(f"thresholds must be one value per layer ({model.n_layers}), got {tuple(thresholds.shape)}")

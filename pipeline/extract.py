@@ -39,6 +39,7 @@ from pipeline.progress import JobProgress, ProgressCallback, StopRequested, chec
 from pipeline.store import JsonlLog, RunPaths, atomic_write_json, atomic_write_with, read_responses
 from steering.chat_format import ChatTemplateError
 from steering.interventions import block_output_hook_name
+from steering.layers import parse_layer_spec
 from steering.models import DEFAULT_MODEL_ID, LoadedModel, ModelSpec, load_model
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class ExtractConfig:
     revision: str | None = None
     dtype: str = "float32"
     device: str = "cpu"
-    layers: tuple[int, ...] | None = None  # None = every layer
+    layers: str | tuple[int, ...] | None = None  # None = every layer; text as in steering.layers
     aggregation: Aggregation = "mean"
     batch_size: int = 8
     max_batch_tokens: int = 16384  # cap on batch_size x padded length
@@ -62,7 +63,7 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir))
-        if self.layers is not None:
+        if self.layers is not None and not isinstance(self.layers, str):
             object.__setattr__(self, "layers", tuple(sorted(set(int(l) for l in self.layers))))
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
@@ -263,9 +264,7 @@ def run_extract(config: ExtractConfig, progress: ProgressCallback | None = None,
         bind_model(config.run_dir, config.model_id, config.revision, config.dtype, "extract")
     if not pending.empty:
         model = model or load_model(config.model_spec())
-        layers = list(config.layers) if config.layers is not None else list(range(model.n_layers))
-        if not layers or min(layers) < 0 or max(layers) >= model.n_layers:
-            raise ValueError(f"--layers must be within 0..{model.n_layers - 1}, got {layers}")
+        layers = parse_layer_spec(config.layers, model.n_layers)
         store.check_or_write_meta({
             "model_id": config.model_id, "revision": config.revision, "dtype": config.dtype,
             "layers": layers, "aggregation": config.aggregation,
@@ -297,23 +296,14 @@ def run_extract(config: ExtractConfig, progress: ProgressCallback | None = None,
     return report
 
 
-def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """``"all"``/None, ``"3,5,7"`` or a Python slice ``"10:20"``/``"10:20:2"`` (slices need n_layers: kept as str)."""
-    if text is None or text == "all":
-        return None
-    if ":" in text:
-        start, stop, *step = text.split(":")
-        return tuple(range(int(start or 0), int(stop), int(step[0]) if step and step[0] else 1))
-    return tuple(int(part) for part in text.split(",") if part.strip())
-
-
 def add_cli(subparsers) -> None:
     from pipeline.generate import add_generation_arguments
 
     parser = subparsers.add_parser("extract", help="extract response-token activations per layer (resumable)")
     parser.add_argument("--run-dir", type=Path, required=True, help="the run's output directory")
     add_generation_arguments(parser)
-    parser.add_argument("--layers", default=None, help="'all' (default), '3,5,7' or a slice '10:20'")
+    parser.add_argument("--layers", default=None,
+                        help="'all' (default), '3,5,7', an inclusive range '10-19' or a slice '10:20'")
     parser.add_argument("--aggregation", choices=AGGREGATIONS, default="mean",
                         help="mean over response tokens (default), last token, or none (per token)")
     parser.add_argument("--batch-size", type=int, default=8, help="responses per forward pass")
@@ -323,7 +313,7 @@ def add_cli(subparsers) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     return ExtractConfig(run_dir=args.run_dir, model_id=args.model_id, revision=args.revision, dtype=args.dtype,
-                         device=args.device, layers=parse_layers(args.layers), aggregation=args.aggregation,
+                         device=args.device, layers=args.layers, aggregation=args.aggregation,
                          batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
 
 

@@ -25,7 +25,8 @@ from pipeline.progress import JobProgress, ProgressCallback, StopRequested, chec
 from pipeline.rollouts import read_rollouts
 from pipeline.store import read_responses, write_response_shard
 from steering.chat_format import ChatFormat
-from steering.models import DEFAULT_MODEL_ID, ModelSpec, display_name, load_hf_model, resolve_model_source
+from steering.models import (DEFAULT_MODEL_ID, LoadedModel, ModelSpec, display_name, load_hf_model,
+                             resolve_model_source)
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,15 @@ def _response_row(item: PendingRollout, text: str, finish_reason: str, n_tokens:
 class TransformersBackend:
     """Batched ``generate`` of a plain HF model (no hooks needed), left padding, sorted by length."""
 
-    def __init__(self, config: GenerateConfig) -> None:
+    def __init__(self, config: GenerateConfig, loaded: LoadedModel | None = None) -> None:
+        """``loaded``: reuse a model already in memory (e.g. the app's chat model) instead of loading a copy."""
         self.config = config
-        self.model, self.tokenizer = load_hf_model(config.model_spec())
+        if loaded is not None:
+            if loaded.model_id != config.model_id:
+                raise ValueError(f"the loaded model is {loaded.model_id!r}, the run asks for {config.model_id!r}")
+            self.model, self.tokenizer = loaded.hf_model, loaded.tokenizer
+        else:
+            self.model, self.tokenizer = load_hf_model(config.model_spec())
         self.chat = ChatFormat(self.tokenizer)
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
@@ -235,14 +242,19 @@ class OpenAICompatibleBackend:
         return asyncio.run(run())
 
 
-def make_backend(config: GenerateConfig):
-    return {"transformers": TransformersBackend, "vllm": VLLMBackend,
-            "openai-compatible": OpenAICompatibleBackend}[config.backend](config)
+def make_backend(config: GenerateConfig, loaded: LoadedModel | None = None):
+    """The backend for ``config``; ``loaded`` (transformers backend only) reuses a model in memory."""
+    if config.backend == "transformers":
+        return TransformersBackend(config, loaded)
+    return {"vllm": VLLMBackend, "openai-compatible": OpenAICompatibleBackend}[config.backend](config)
 
 
 def run_generate(config: GenerateConfig, progress: ProgressCallback | None = None,
-                 stop_event: threading.Event | None = None, backend=None) -> GenerateReport:
-    """Generate every missing response of the run. Safe to interrupt and rerun."""
+                 stop_event: threading.Event | None = None, model: LoadedModel | None = None) -> GenerateReport:
+    """Generate every missing response of the run. Safe to interrupt and rerun.
+
+    ``model``: a loaded model to reuse with the transformers backend (no second copy of the weights).
+    """
     rollouts, pending = pending_rollouts(config.run_dir)
     report = GenerateReport(total=len(rollouts), already_done=len(rollouts) - len(pending))
     if config.limit is not None:
@@ -252,7 +264,7 @@ def run_generate(config: GenerateConfig, progress: ProgressCallback | None = Non
         return report
     bind_model(config.run_dir, config.model_id, config.revision, config.dtype, "generate")
     record_step(config.run_dir, "generate", config, finished=False)
-    backend = backend or make_backend(config)
+    backend = make_backend(config, model)
     model_name = display_name(config.model_id)
     items = []
     for row in pending.to_dict("records"):

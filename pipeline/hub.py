@@ -548,3 +548,51 @@ def upload_run(
     return UploadReport(repo_id=repo_id, repo_type=repo_type, repo_url=str(repo_url),
                         commit_url=getattr(info, "commit_url", None), commit_oid=getattr(info, "oid", None),
                         files=paths)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_cli(subparsers: Any) -> None:
+    down = subparsers.add_parser("hub-download", help="download an axis (native or the paper's layout) from the Hub")
+    down.add_argument("repo_id", nargs="?", default=PAPER_REPO, help=f"repository (default: {PAPER_REPO})")
+    down.add_argument("--folder", default=None, help="folder of the axis inside the repo, e.g. the model name")
+    down.add_argument("--repo-type", default=PAPER_REPO_TYPE, choices=["dataset", "model"], help="repository type")
+    down.add_argument("--revision", default=None, help="branch, tag or commit")
+    down.add_argument("--role-vectors", action="store_true", help="also download the role vectors")
+    down.add_argument("--list", action="store_true", help="only list the folders that hold an axis")
+    down.add_argument("--out", type=Path, default=None,
+                      help="save the axis here in the native format (.safetensors), with role vectors if fetched")
+    down.set_defaults(func=_download_cli)
+    up = subparsers.add_parser("hub-upload", help="upload a run's axis, vectors, thresholds and a dataset card")
+    up.add_argument("--run-dir", type=Path, required=True, help="the run whose axis to publish")
+    up.add_argument("--repo", dest="repo_id", required=True, help="target repository 'owner/name'")
+    up.add_argument("--repo-type", default="dataset", choices=["dataset", "model"], help="repository type")
+    up.add_argument("--folder", default="", help="folder inside the repository (default: the root)")
+    up.add_argument("--private", action="store_true", help="create the repository as private")
+    up.add_argument("--token", default=None, help="Hub token (default: $HF_TOKEN or the saved login)")
+    up.set_defaults(func=_upload_cli)
+
+
+def _download_cli(args: Any) -> int:
+    from steering.axis_io import save_axis
+
+    if args.list:
+        folders = list_axis_folders(args.repo_id, repo_type=args.repo_type, revision=args.revision)
+        for folder, layout in sorted(folders.items()):
+            print(f"{folder or '.'}\t{layout}")
+        return 0
+    fetched = download_axis(args.repo_id, args.folder, repo_type=args.repo_type, revision=args.revision,
+                            role_vectors=args.role_vectors)
+    print(json.dumps(fetched.summary(), indent=2))
+    if args.out is not None:
+        save_axis(args.out, fetched.bundle)
+        print(f"saved {args.out}")
+    return 0
+
+
+def _upload_cli(args: Any) -> int:
+    report = upload_run(args.run_dir, args.repo_id, token=args.token, repo_type=args.repo_type,
+                        private=args.private, folder=args.folder)
+    print(f"uploaded {len(report.files)} files to {report.repo_url}")
+    return 0

@@ -79,14 +79,14 @@ def stream_generate(model: LoadedModel, prompt_ids: Sequence[int], plan: Interve
     if settings.seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(settings.seed)
     stops = stop_token_ids(model)
-    recorded: dict[int, float] = {}
+    recorded: dict[int, Tensor] = {}  # layer -> 0-dim projection of the latest position
     monitor_hooks = []
     if monitor is not None:
         directions = {layer: unit(monitor.axis[layer]).to(device) for layer in monitor.layers}
 
         def make_hook(layer: int):
             def record(x: Tensor, hook) -> Tensor:
-                recorded[layer] = float(x[0, -1].to(torch.float32) @ directions[layer])
+                recorded[layer] = x[0, -1].to(torch.float32) @ directions[layer]  # no device sync here
                 return x
             return record
 
@@ -108,7 +108,11 @@ def stream_generate(model: LoadedModel, prompt_ids: Sequence[int], plan: Interve
             past = out.past_key_values
             logits = out.logits[0, -1]
             text = model.tokenizer.decode(generated, skip_special_tokens=True)
-            yield TokenStep(token_id=token, text=text, projections=dict(recorded))
+            projections = {}
+            if recorded:
+                layers = list(recorded)
+                projections = dict(zip(layers, torch.stack([recorded[l] for l in layers]).tolist()))  # one sync
+            yield TokenStep(token_id=token, text=text, projections=projections)
 
 
 def generate_text(model: LoadedModel, prompt_ids: Sequence[int], plan: InterventionPlan | None = None,

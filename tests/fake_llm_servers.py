@@ -12,9 +12,7 @@ scripted per test:
 Every request is recorded in ``server.requests`` (RecordedRequest: path, headers,
 parsed JSON body, and helpers to get the system prompt and the messages).
 
-Use the fixtures by importing them into a test module::
-
-    from tests.fake_llm_servers import openai_server, anthropic_server, llm_server  # noqa: F401
+The fixtures are registered for every test module by ``pytest_plugins`` in ``tests/conftest.py``.
 
 ``llm_server`` is parametrized over both protocols.
 """

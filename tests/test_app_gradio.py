@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -262,3 +263,24 @@ def test_pipeline_tab_runs_every_step_and_shows_results(app, openai_server, no_l
     _, _, _, _, status, info = c.predict(**chat_args("Hi", axis_path=str(run), max_tokens=6, quantile=0.5),
                                          api_name="/chat")
     assert status.startswith("done: cap") and info["steered"]["tokens"] > 0
+
+
+def test_pipeline_cancel_keeps_finished_work(app, tmp_path: Path) -> None:
+    from pipeline.store import read_responses
+
+    run = tmp_path / "run"
+    c = client(app)
+    values = [str(run), MODEL, "shipped", ["pirate"], 10, 0, 1, 1, 4, 0.0, 0, "openai", "gpt-4.1-mini", "", "", 0, 3, 1,
+              "0.25"]
+    status, _, report, _ = c.predict(*values, api_name="/pipeline_rollouts")
+    assert report["rollouts"] == 100  # (default + pirate) x 5 prompts x 10 questions
+    job = c.submit(*values, api_name="/pipeline_generate")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and read_responses(run).empty:
+        time.sleep(0.1)
+    assert "generate: running" in c.predict(api_name="/pipeline_cancel")
+    status, log, report, overview = job.result()
+    assert status.startswith("**Cancelled**"), status
+    assert report["stopped"] and 0 < report["generated"] < 100
+    assert len(read_responses(run)) == report["generated"]  # what was generated is kept
+    assert "cancel requested" in log

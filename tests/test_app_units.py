@@ -15,7 +15,6 @@ from app.chat_engine import (
     ChatSetupError,
     Conversation,
     SteerSettings,
-    default_band,
     load_axis_from_path,
     parse_layers,
     resolve_intervention,
@@ -36,18 +35,10 @@ def make_axis(n_layers: int, d_model: int, tau: float = 0.5, seed: int = 0) -> A
 # --------------------------------------------------------------------------- settings -> plan
 
 
-def test_parse_layers() -> None:
-    assert parse_layers("", 6) == list(range(6))
-    assert parse_layers("all", 6) == list(range(6))
-    assert parse_layers("2", 6) == [2]
-    assert parse_layers("1-3", 6) == [1, 2, 3]
-    assert parse_layers("1:3", 6) == [1, 2]
-    assert parse_layers("-2:", 6) == [4, 5]
+def test_layer_text_errors_reach_the_chat_as_setup_errors() -> None:
     assert parse_layers("0, 2-3, -1", 6) == [0, 2, 3, 5]
-    for bad, message in (("7", "outside"), ("3-1", "backwards"), ("x", "write e.g."), ("5:2", "select no layer")):
-        with pytest.raises(ChatSetupError, match=message):
-            parse_layers(bad, 6)
-    assert default_band(30) == "21:26" and parse_layers(default_band(4), 4)
+    with pytest.raises(ChatSetupError, match="outside"):
+        parse_layers("7", 6)
 
 
 def test_resolve_intervention_modes() -> None:
@@ -266,3 +257,27 @@ def test_run_overview_of_empty_and_new_runs(tmp_path: Path) -> None:
         step_function("train", PipelineSettings(run_dir=str(tmp_path), model_id="m"), None)
     with pytest.raises(ValueError, match="run directory"):
         PipelineSettings(run_dir=" ", model_id="m")
+
+
+def test_responses_with_scores_filters_and_histogram_lists(tmp_path: Path) -> None:
+    from app.pipeline_steps import filter_responses, run_overview, score_lists, scored_responses
+    from pipeline.store import JsonlLog, RunPaths, write_response_shard
+
+    rows = []
+    for i, (role, text) in enumerate([("default", "I am an assistant."), ("pirate", "Arr, treasure!"),
+                                      ("pirate", "I am an AI."), ("ghost", "Boo.")]):
+        rows.append({"rollout_id": f"{role}/p0/q{i}/s0", "role": role, "prompt_index": 0, "question_index": i,
+                     "sample_index": 0, "system_prompt": "", "question": f"question {i}", "conversation": "[]",
+                     "response": text, "finish_reason": "stop", "n_tokens": 3})
+    write_response_shard(tmp_path, rows)
+    JsonlLog(RunPaths(tmp_path).scores).append_many([
+        {"rollout_id": "pirate/p0/q1/s0", "score": 3}, {"rollout_id": "pirate/p0/q2/s0", "score": 1},
+        {"rollout_id": "ghost/p0/q3/s0", "score": None}])
+    frame = scored_responses(tmp_path)
+    assert list(frame["role"]) == ["default", "ghost", "pirate", "pirate"]
+    assert list(filter_responses(frame, role="pirate")["score"]) == [3, 1]
+    assert list(filter_responses(frame, text="TREASURE")["rollout_id"]) == ["pirate/p0/q1/s0"]
+    assert len(filter_responses(frame, limit=2)) == 2
+    assert score_lists(frame) == (["ghost", "pirate", "pirate"], [None, 3, 1])
+    info = run_overview(tmp_path)
+    assert info["responses"] == 4 and info["scores"] == 2

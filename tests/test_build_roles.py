@@ -20,15 +20,7 @@ from pipeline.build_roles import (
 )
 from pipeline.llm import Completion, MissingAPIKeyError
 from pipeline.role_schema import CatalogEntry, RoleDataError, load_role_file
-from tests.fake_llm_servers import (  # noqa: F401 (fixtures)
-    FakeLLMServer,
-    anthropic_server,
-    error,
-    llm_server,
-    no_llm_keys,
-    openai_server,
-    reply,
-)
+from tests.fake_llm_servers import FakeLLMServer, error, reply  # fixtures come from tests/conftest.py
 
 CATALOG = [
     {"name": "pirate", "category": "fiction", "description": "a swashbuckling sea robber"},

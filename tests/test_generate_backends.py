@@ -46,3 +46,14 @@ def test_openai_compatible_backend_against_local_server(tiny_model_dir, tmp_path
     systems = {b["messages"][0]["content"] for b in bodies if b["messages"][0]["role"] == "system"}
     assert "{model_name}" not in "".join(systems)
     assert run_generate(config).generated == 0
+
+
+def test_reusing_the_loaded_bridged_model_generates_the_same(tiny_model, tiny_model_dir, tmp_path):
+    config = GenerateConfig(run_dir=tmp_path, model_id=str(tiny_model_dir), temperature=0.0, max_new_tokens=6)
+    plain = TransformersBackend(config)
+    reused = TransformersBackend(config, loaded=tiny_model)
+    assert reused.model is tiny_model.hf_model
+    prompts = [plain.chat.prompt_ids("You are a ghost.", "Where do you live?"),
+               plain.chat.prompt_ids(None, "What do you value most, and why does it matter to you?")]
+    items = [PendingRollout(row={"rollout_id": f"r{i}"}, messages=[], prompt_ids=p) for i, p in enumerate(prompts)]
+    assert reused.generate(items) == plain.generate(items)

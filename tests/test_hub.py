@@ -179,3 +179,25 @@ def test_upload_failures_leave_run_intact(fake_hub: FakeHub, run_dir: Path, monk
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")  # token from the environment
     del fake_hub.failures["commit"]
     assert hub.upload_run(run_dir, "tester/from-env").files[0] == "README.md"
+
+
+def test_cli_download_and_upload(fake_hub: FakeHub, run_dir: Path, tmp_path: Path, capsys,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.cli import main
+
+    fake_hub.add_repo("lu-christina/assistant-axis-vectors", paper_files())
+    assert main(["hub-download", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "tiny-model\tpaper" in listed and "other-model\tpaper" in listed
+    out = tmp_path / "tiny.safetensors"
+    assert main(["hub-download", "--folder", "tiny-model", "--role-vectors", "--out", str(out)]) == 0
+    saved = load_axis(out)
+    assert saved.axis.shape == (L, D) and set(saved.role_vectors) == {"pirate", "ghost"}
+    assert main(["hub-download", "--folder", "no-such-model"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    # upload: no token is a clear error before any request, then a real upload
+    assert main(["hub-upload", "--run-dir", str(run_dir), "--repo", "tester/axis"]) == 2
+    assert "token" in capsys.readouterr().err.lower()
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    assert main(["hub-upload", "--run-dir", str(run_dir), "--repo", "tester/axis"]) == 0
+    assert "axis.safetensors" in fake_hub.repo("tester/axis").files

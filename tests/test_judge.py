@@ -24,15 +24,7 @@ from pipeline.judge import (
 from pipeline.llm import MissingAPIKeyError
 from pipeline.role_schema import RoleDataError
 from pipeline.store import JsonlLog, RunPaths, write_response_shard
-from tests.fake_llm_servers import (  # noqa: F401 (fixtures)
-    FakeLLMServer,
-    anthropic_server,
-    error,
-    llm_server,
-    no_llm_keys,
-    openai_server,
-    reply,
-)
+from tests.fake_llm_servers import FakeLLMServer, error, reply  # fixtures come from tests/conftest.py
 
 EVAL = (
     "Judge whether the answer is in the role of a {role}.\nQUESTION<<{question}>>\nANSWER<<{answer}>>\n"

@@ -25,16 +25,7 @@ from pipeline.llm import (
     render_prompt,
     run_workers,
 )
-from tests.fake_llm_servers import (  # noqa: F401 (fixtures)
-    FakeLLMServer,
-    anthropic_server,
-    error,
-    garbage,
-    llm_server,
-    no_llm_keys,
-    openai_server,
-    reply,
-)
+from tests.fake_llm_servers import FakeLLMServer, error, garbage, reply  # fixtures come from tests/conftest.py
 
 USER = [{"role": "user", "content": "Hello there"}]
 

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import unquote, urlparse
 
 import pytest
 
 from pipeline import role_import as ri
 from pipeline.role_import import ImportRolesConfig, RoleImportError, import_roles, parse_source
 from pipeline.role_schema import QUESTIONS_FILENAME, RoleDataError, load_role_dir
+from tests.fake_hub_server import FakeHub
 
 HAS_GIT = shutil.which("git") is not None
 
@@ -236,104 +233,23 @@ def test_git_several_role_folders(tmp_path: Path, git_repo: dict) -> None:
 # --------------------------------------------------------------------------- Hugging Face Hub
 
 
-class FakeHub:
-    """Answers the calls huggingface_hub.snapshot_download makes for a dataset repo:
-    GET /api/datasets/<id>/revision/<rev>, GET /api/datasets/<id>/tree/<sha>,
-    HEAD and GET /datasets/<id>/resolve/<sha>/<path>."""
-
-    def __init__(self) -> None:
-        self.repos: dict[str, dict] = {}  # repo id -> {"revisions": {name: sha}, "files": {path: bytes}}
-        self.requests: list[tuple[str, str]] = []
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format, *args):  # noqa: A002
-                pass
-
-            def send(self, status: int, body: bytes = b"", headers: dict | None = None) -> None:
-                self.send_response(status)
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            def send_json(self, obj, status: int = 200, headers: dict | None = None) -> None:
-                self.send(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
-
-            def route(self) -> None:
-                hub.requests.append((self.command, self.path))
-                parts = unquote(urlparse(self.path).path).strip("/").split("/")
-                if parts[:2] == ["api", "datasets"] and len(parts) >= 6:
-                    repo_id, kind, rev = "/".join(parts[2:4]), parts[4], parts[5]
-                elif parts[0] == "datasets" and "resolve" in parts:
-                    i = parts.index("resolve")
-                    repo_id, kind, rev = "/".join(parts[1:i]), "resolve", parts[i + 1]
-                else:
-                    return self.send_json({"error": "no route"}, 404)
-                repo = hub.repos.get(repo_id)
-                if repo is None:
-                    return self.send_json({"error": "Repository not found"}, 401, {"X-Error-Code": "RepoNotFound"})
-                sha = repo["revisions"].get(rev, rev if rev in repo["revisions"].values() else None)
-                if sha is None:
-                    return self.send_json({"error": "Invalid rev id"}, 404, {"X-Error-Code": "RevisionNotFound"})
-                files = repo["files"]
-                if kind == "revision":
-                    return self.send_json({"id": repo_id, "sha": sha, "private": False,
-                                           "siblings": [{"rfilename": p} for p in files]})
-                if kind == "tree":
-                    return self.send_json([
-                        {"type": "file", "oid": hashlib.sha1(data).hexdigest(), "size": len(data), "path": path}
-                        for path, data in files.items()
-                    ])
-                path = "/".join(parts[parts.index("resolve") + 2:])
-                if path not in files:
-                    return self.send_json({"error": "Entry not found"}, 404, {"X-Error-Code": "EntryNotFound"})
-                data = files[path]
-                self.send(200, data, {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
-                                      "Content-Type": "application/octet-stream"})
-
-            do_GET = route
-            do_HEAD = route
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def add_repo(self, repo_id: str, folder: Path, revisions: dict[str, str]) -> None:
-        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-        self.repos[repo_id] = {"revisions": revisions, "files": files}
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def fake_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the test command sets HF_HUB_OFFLINE=1
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    hub = FakeHub()
-    try:
+    with FakeHub() as hub:
         yield hub
-    finally:
-        hub.stop()
 
 
 def test_hf_dataset(tmp_path: Path, fake_hub: FakeHub) -> None:
     repo = tmp_path / "repo"
     write_role_set(repo / "data" / "roles")
     (repo / "README.md").write_text("# roles\n", encoding="utf-8")
-    fake_hub.add_repo("owner/roles", repo, {"main": "c" * 40})
+    head = fake_hub.add_folder("owner/roles", repo).branches["main"]
     report = import_roles(config("hf:owner/roles", tmp_path / "dest", tmp_path, hf_endpoint=fake_hub.endpoint))
-    assert report.kind == "hf" and report.revision == "c" * 40
+    assert report.kind == "hf" and report.revision == head
     assert load_role_dir(tmp_path / "dest").names == ["pirate", "stoic"]
     downloaded = [path for method, path in fake_hub.requests if method == "GET" and "/resolve/" in path]
     assert not any(p.endswith("README.md") for p in downloaded)  # only JSON files are fetched
@@ -342,7 +258,7 @@ def test_hf_dataset(tmp_path: Path, fake_hub: FakeHub) -> None:
 def test_hf_errors(tmp_path: Path, fake_hub: FakeHub) -> None:
     repo = tmp_path / "repo"
     write_role_set(repo / "roles")
-    fake_hub.add_repo("owner/roles", repo, {"main": "d" * 40})
+    fake_hub.add_folder("owner/roles", repo)
     with pytest.raises(RoleImportError, match="repository not found"):
         import_roles(config("hf:owner/missing", tmp_path / "dest", tmp_path, hf_endpoint=fake_hub.endpoint))
     with pytest.raises(RoleImportError, match="revision 'v9' not found"):

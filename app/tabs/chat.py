@@ -13,13 +13,12 @@ from app.chat_engine import (
     ChatSetupError,
     Conversation,
     SteerSettings,
-    default_band,
     default_monitor_layer,
     load_axis_from_path,
     run_turn,
 )
 from app.context import AppContext
-from app.jobs import HEAVY, HEAVY_CONCURRENCY_ID
+from app.jobs import HEAVY_CONCURRENCY_ID
 from app.plots import drift_figure, projection_figure
 from app.transcripts import build_transcript, save_transcript
 from steering.axis_io import AxisFileError
@@ -136,7 +135,7 @@ def build(ctx: AppContext, axis_state: gr.State) -> None:
 
     def do_load_model(model_name: str):
         try:
-            with HEAVY.held("loading the model"):
+            with ctx.heavy.held("loading the model"):
                 ctx.models.get(model_name)
         except Exception as exc:  # shown to the user as is
             raise gr.Error(f"cannot load model: {exc}") from None
@@ -202,7 +201,7 @@ def build(ctx: AppContext, axis_state: gr.State) -> None:
         acquired = False
         events = None
         try:
-            for line in HEAVY.wait_for("chat generation"):
+            for line in ctx.heavy.wait_for("chat generation"):
                 yield outputs(line, None, False)
             acquired = True
             if not ctx.models.is_loaded(model_name):
@@ -238,7 +237,7 @@ def build(ctx: AppContext, axis_state: gr.State) -> None:
             if events is not None:
                 events.close()  # removes the generation hooks now, also when the user pressed Stop
             if acquired:
-                HEAVY.release()
+                ctx.heavy.release()
 
     def do_redraw(conversation: Conversation, monitor_v):
         n_layers = ctx.models.info.n_layers if ctx.models.info else None

@@ -13,10 +13,11 @@ from app.pipeline_steps import (
     STEPS,
     PipelineSettings,
     check_settings,
-    responses_table,
+    filter_responses,
     run_overview,
     run_vectors_view,
     score_lists,
+    scored_responses,
     step_function,
 )
 from app.plots import empty_figure, layer_summary_figure, pca_figure, score_histogram
@@ -54,7 +55,8 @@ def _int_or_none(value) -> int | None:
     return value if value > 0 else None
 
 
-def build(ctx: AppContext) -> None:
+def build(ctx: AppContext):
+    """Create the tab; returns ``on_load(demo)``, which refreshes the run and job status on page load."""
     config = ctx.config
     sets = roles_data.role_sets(config.workspace)
 
@@ -175,9 +177,10 @@ def build(ctx: AppContext) -> None:
         return gr.update(choices=names, value=[])
 
     def do_results(run_dir_v, role_v, text_v, layer_v):
-        table = responses_table(run_dir_v, role=role_v or None, text=text_v or None)
-        roles_list, scores = score_lists(run_dir_v)
-        role_choices = sorted(set(responses_table(run_dir_v, limit=10**9)["role"]))
+        everything = scored_responses(run_dir_v)
+        table = filter_responses(everything, role=role_v or None, text=text_v or None)
+        roles_list, scores = score_lists(everything)
+        role_choices = sorted(set(everything["role"]))
         try:
             view = run_vectors_view(run_dir_v)
         except (FileNotFoundError, ValueError) as exc:
@@ -207,10 +210,11 @@ def build(ctx: AppContext) -> None:
               max_new_tokens, temperature, seed, judge_provider, judge_model, judge_base_url, judge_key,
               judge_limit, min_score, min_count, quantiles]
     outputs = [job_status, log_tail, step_report, overview]
+    # These handlers only watch a background job (the job manager runs one at a time): no concurrency limit.
     for step, button in step_buttons.items():
-        button.click(start(step), inputs, outputs, api_name=f"pipeline_{step}")
-    all_btn.click(start(ALL), inputs, outputs, api_name="pipeline_all")
-    follow_btn.click(do_follow, [run_dir], outputs, api_name="pipeline_follow")
+        button.click(start(step), inputs, outputs, api_name=f"pipeline_{step}", concurrency_limit=None)
+    all_btn.click(start(ALL), inputs, outputs, api_name="pipeline_all", concurrency_limit=None)
+    follow_btn.click(do_follow, [run_dir], outputs, api_name="pipeline_follow", concurrency_limit=None)
     cancel_btn.click(do_cancel, None, [job_status], api_name="pipeline_cancel")
     refresh.click(do_refresh, [run_dir], [overview], api_name="pipeline_overview")
     run_dir.submit(do_refresh, [run_dir], [overview], api_name=False)
@@ -221,3 +225,11 @@ def build(ctx: AppContext) -> None:
     results_btn.click(do_results, [run_dir, result_role, result_text, layer],
                       [responses, histogram, pca_plot, summary_plot, result_role, layer], api_name="pipeline_results")
     layer.release(do_pca, [run_dir, layer], [pca_plot], api_name=False)
+
+    def on_load(demo: gr.Blocks) -> None:
+        # A reopened page shows the run's state and the job that may still be running in the background.
+        demo.load(lambda run_dir_v: (job_status_markdown(ctx.jobs.active() or ctx.jobs.latest()),
+                                     _overview_markdown(run_overview(run_dir_v))),
+                  [run_dir], [job_status, overview], api_name=False)
+
+    return on_load

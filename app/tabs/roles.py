@@ -183,7 +183,7 @@ def build(ctx: AppContext) -> None:
     role_name.submit(do_view, [role_name, role_set], [role_view, editor, save_name], api_name=False)
     save_btn.click(do_save, [save_name, editor], [save_status, role_set], api_name="role_save")
     build_btn.click(do_build, [provider, llm_model, base_url, api_key, build_roles_text, start, end, n_questions],
-                    [build_status, build_report], api_name="build_roles")
+                    [build_status, build_report], api_name="build_roles", concurrency_limit=None)
     build_cancel.click(do_cancel_build, None, [build_status], api_name=False)
     provider.change(lambda p: DEFAULT_MODELS.get(p, ""), [provider], [llm_model], api_name=False)
     import_btn.click(do_import, [source, kind, revision, subdir, import_roles_text, set_name, overwrite],
