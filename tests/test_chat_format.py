@@ -68,3 +68,25 @@ def test_missing_template_and_bad_conversation_errors():
     chat = ChatFormat(build_tokenizer(CHATML_TEMPLATE))
     with pytest.raises(ChatTemplateError, match="assistant turn"):
         chat.response_span(CONVERSATION[:2])
+
+
+# A Qwen3-like template: thinking is on unless enable_thinking=false, which writes an empty think block.
+QWEN3_LIKE_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' and loop.last %}"
+    "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{% endif %}"
+)
+
+
+def test_qwen3_style_thinking_is_switched_off():
+    tok = build_tokenizer(QWEN3_LIKE_TEMPLATE)
+    chat = ChatFormat(tok)
+    prompt = tok.decode(chat.prompt_ids("You are a pirate.", "Who are you?"))
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    span = chat.response_span(CONVERSATION)
+    _check_span(tok, span, CONVERSATION[-1]["content"])

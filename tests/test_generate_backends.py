@@ -1,5 +1,7 @@
 """Generation backends on the tiny model: transformers (batched, left-padded) and openai-compatible."""
 import json
+import sys
+import types
 
 import torch
 
@@ -57,3 +59,62 @@ def test_reusing_the_loaded_bridged_model_generates_the_same(tiny_model, tiny_mo
                plain.chat.prompt_ids(None, "What do you value most, and why does it matter to you?")]
     items = [PendingRollout(row={"rollout_id": f"r{i}"}, messages=[], prompt_ids=p) for i, p in enumerate(prompts)]
     assert reused.generate(items) == plain.generate(items)
+
+
+class _FakeVLLM:
+    """A stand-in module speaking vLLM's offline API (LLM, SamplingParams, RequestOutput shapes)."""
+
+    def __init__(self):
+        self.engines = []
+        fake = self
+
+        class SamplingParams:
+            def __init__(self, **kwargs):
+                self.kwargs = kwargs
+
+        class LLM:
+            def __init__(self, **kwargs):
+                self.kwargs = kwargs
+                self.calls = []
+                fake.engines.append(self)
+
+            def generate(self, prompts, params, use_tqdm=True):
+                self.calls.append((prompts, params))
+                outputs = []
+                for prompt in prompts:
+                    ids = prompt["prompt_token_ids"]
+                    n = min(params.kwargs["max_tokens"], len(ids) % 5 + 1)
+                    completion = types.SimpleNamespace(text=f"reply to {len(ids)} tokens", token_ids=list(range(n)),
+                                                       finish_reason="length" if n == params.kwargs["max_tokens"]
+                                                       else "stop")
+                    outputs.append(types.SimpleNamespace(outputs=[completion]))
+                return outputs
+
+        self.module = types.ModuleType("vllm")
+        self.module.LLM, self.module.SamplingParams = LLM, SamplingParams
+
+
+def test_vllm_backend_drives_the_engine_with_templated_token_ids(tiny_model_dir, tmp_path, monkeypatch):
+    fake = _FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    run_dir = tmp_path / "run"
+    make_rollouts(RolloutsConfig(run_dir=run_dir, roles=("ghost",), question_count=3, prompt_count=2))
+    config = GenerateConfig(run_dir=run_dir, model_id=str(tiny_model_dir), backend="vllm", batch_size=5,
+                            max_new_tokens=3, temperature=0.5, top_p=0.9, tensor_parallel_size=2,
+                            gpu_memory_utilization=0.8, max_model_len=2048)
+    report = run_generate(config)
+    assert report.generated == 12
+    engine = fake.engines[0]
+    assert engine.kwargs["tensor_parallel_size"] == 2 and engine.kwargs["gpu_memory_utilization"] == 0.8
+    assert engine.kwargs["max_model_len"] == 2048 and engine.kwargs["model"] == str(tiny_model_dir)
+    assert [len(prompts) for prompts, _ in engine.calls] == [5, 5, 2]
+    params = engine.calls[0][1].kwargs
+    assert params["temperature"] == 0.5 and params["top_p"] == 0.9 and params["max_tokens"] == 3
+    from steering.chat_format import ChatFormat
+    from transformers import AutoTokenizer
+    chat = ChatFormat(AutoTokenizer.from_pretrained(tiny_model_dir))
+    responses = read_responses(run_dir)
+    sent = {tuple(p["prompt_token_ids"]) for prompts, _ in engine.calls for p in prompts}
+    expected = {tuple(chat.encode(json.loads(c)[:-1])) for c in responses["conversation"]}
+    assert sent == expected
+    assert set(responses["finish_reason"]) <= {"stop", "length"} and (responses["n_tokens"] <= 3).all()
