@@ -1,4 +1,5 @@
-"""The Gradio app: four tabs over one shared model, one heavy-work slot and background jobs.
+"""The Gradio app: roles, pipeline, steer & cap chat, persona dynamics and Hub tabs over one shared model,
+one heavy-work slot and background jobs.
 
 ``build_demo()`` makes the gr.Blocks; ``launch()`` starts it (theme and CSS are launch options in
 Gradio 6; host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT when set).
@@ -11,7 +12,7 @@ import gradio as gr
 
 from app.context import AppContext
 from app.settings import AppConfig
-from app.tabs import chat, hub, pipeline, roles
+from app.tabs import chat, dynamics, hub, pipeline, roles
 
 TITLE = "Assistant Axis Lab"
 CSS = """
@@ -37,6 +38,8 @@ def build_demo(config: AppConfig | None = None, ctx: AppContext | None = None) -
                 pipeline_on_load = pipeline.build(ctx)
             with gr.Tab("Steer & cap chat", id="chat", elem_id="chat-tab"):
                 chat.build(ctx, axis_state)
+            with gr.Tab("Persona dynamics", id="dynamics"):
+                dynamics.build(ctx, axis_state)
             with gr.Tab("Hub", id="hub"):
                 hub.build(ctx, axis_state)
         pipeline_on_load(demo)
