@@ -16,6 +16,7 @@ the layers requested (it hooks and keeps every layer), so it runs once, with eve
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any, Iterator, Sequence
 
@@ -55,9 +56,31 @@ def baseline_extract(hf_model, tokenizer, frame, layers: Sequence[int], batch_si
     return run_steps(baseline_steps(hf_model, tokenizer, frame, layers, batch_size, sort=sort, stop_early=stop_early))
 
 
+@contextlib.contextmanager
+def stop_before_unembed(model) -> Iterator[None]:
+    """The proposed fix of ``extract_batch``, applied from outside: end the forward after the last block.
+
+    ``extract_batch`` passes ``stop_at_layer=max(layers) + 1``; when the last layer is requested that is
+    ``n_layers``, which the bridge never stops at, so the final norm and the unembedding (logits
+    ``[B, T, vocab]``) are computed and thrown away. A hook on ``ln_final.hook_in`` raising the bridge's
+    ``StopAtLayerException`` (which ``run_with_hooks`` catches) ends the pass where the fix would.
+    """
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    def stop(x, hook):
+        raise StopAtLayerException(x)
+
+    with model.bridge.hooks(fwd_hooks=[("ln_final.hook_in", stop)]):
+        yield
+
+
 def pipeline_steps(model, frame, layers: Sequence[int], batch_size: int,
-                   max_batch_tokens: int = PIPELINE_MAX_BATCH_TOKENS, sort: bool = True) -> Iterator[None]:
-    """:func:`pipeline_extract` as a generator that yields after tokenizing and after each batch."""
+                   max_batch_tokens: int = PIPELINE_MAX_BATCH_TOKENS, sort: bool = True,
+                   fixed: bool = False) -> Iterator[None]:
+    """:func:`pipeline_extract` as a generator that yields after tokenizing and after each batch.
+
+    ``fixed``: with :func:`stop_before_unembed` around each batch (ablation: the proposed fix).
+    """
     items, _empty = spans_for_responses(model, frame)
     if sort:
         batches = make_batches(items, batch_size, max_batch_tokens)
@@ -66,7 +89,9 @@ def pipeline_steps(model, frame, layers: Sequence[int], batch_size: int,
     yield
     out: dict[str, torch.Tensor] = {}
     for batch in batches:
-        for item, tensor in zip(batch, extract_batch(model, batch, list(layers), "mean")):
+        with stop_before_unembed(model) if fixed else contextlib.nullcontext():
+            tensors = extract_batch(model, batch, list(layers), "mean")
+        for item, tensor in zip(batch, tensors):
             out[item.rollout_id] = tensor
         yield
     return sum(item.end - item.start for item in items), out
@@ -191,6 +216,8 @@ def run(options: Options, log=print) -> dict[str, Any]:
     }
     if options.ablations:
         variants.update({
+            "ablation: pipeline, all layers, no logits (proposed fix)":
+                lambda f: pipeline_steps(model, f, all_layers, bs, fixed=True),
             "ablation: pipeline, all layers, input-order batches":
                 lambda f: pipeline_steps(model, f, all_layers, bs, sort=False),
             "ablation: baseline, sorted batches":

@@ -11,7 +11,8 @@ cannot inherit another's peak. Cases:
 * ``hf-load``          a plain ``AutoModelForCausalLM`` (sdpa)
 * ``hf-extract``       plain HF load + the forward-hook baseline of the ``extract`` benchmark
 
-Figures: ``peak / parameter bytes`` and ``(peak - imports peak) / parameter bytes`` (what the
+After every load each parameter is read once (weights mmapped from safetensors count in RSS only
+once touched), so the load cases compare. Figures: ``peak / parameter bytes`` and ``(peak - imports peak) / parameter bytes`` (what the
 model and the work add on top of the interpreter and libraries).
 """
 from __future__ import annotations
@@ -47,6 +48,15 @@ def _current_rss() -> int | None:
         return None
 
 
+def touch_weights(model) -> None:
+    """Read every parameter once: safetensors weights may be mmapped lazily and only count once touched."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in model.parameters():
+            tensor.sum()
+
+
 def child(case: str, model_id: str | None, n: int, max_tokens: int, batch_size: int, threads: int | None) -> dict:
     """One measurement, in this (fresh) process."""
     import torch
@@ -63,6 +73,7 @@ def child(case: str, model_id: str | None, n: int, max_tokens: int, batch_size: 
     out: dict[str, Any] = {"case": case}
     if case.startswith("pipeline"):
         model = load_pipeline_model(model_id)
+        touch_weights(model.hf_model)
         out["param_bytes"] = parameter_bytes(model.hf_model)
         out["rss_after_load"] = _current_rss()
         if case != "pipeline-load":
@@ -71,6 +82,7 @@ def child(case: str, model_id: str | None, n: int, max_tokens: int, batch_size: 
             out["response_tokens"], _ = pipeline_extract(model, frame, layers, batch_size)
     elif case.startswith("hf"):
         hf_model, tokenizer = load_plain_hf(model_id)
+        touch_weights(hf_model)
         out["param_bytes"] = parameter_bytes(hf_model)
         out["rss_after_load"] = _current_rss()
         if case == "hf-extract":

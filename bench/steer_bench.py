@@ -28,7 +28,7 @@ from bench.models import load_pipeline_model, load_plain_hf
 from pipeline.role_schema import shipped_role_set
 from steering import generation as generation_module
 from steering.generation import GenerationSettings, stream_generate
-from steering.interventions import InterventionPlan, cap_on_axis
+from steering.interventions import InterventionPlan, PositionTracker, cap_on_axis
 
 TARGET_STEERED_VS_PLAIN = 0.8
 
@@ -93,6 +93,45 @@ def manual_decode(hf_model, prompt_ids: list[int], new_tokens: int) -> list[int]
     return tokens
 
 
+@torch.no_grad()
+def hooked_plain_decode(hf_model, tokenizer, prompt_ids: list[int], plan: InterventionPlan,
+                        new_tokens: int) -> list[int]:
+    """Prototype of the proposed fix: ``stream_generate``'s loop on plain HF decoder layers (sdpa), with
+    the plan applied by ``register_forward_hook`` on each intervened decoder layer (its output is
+    ``blocks.{l}.hook_out``) and the position tracker fed from the embedding, instead of bridge hooks."""
+    tracker = PositionTracker()
+    tracker.reset(len(prompt_ids))
+    by_layer: dict[int, list] = {}
+    for item in plan.interventions:
+        by_layer.setdefault(item.layer, []).append(item)
+
+    def make_hook(items):
+        def hook(module, inputs, output):
+            h = output[0] if isinstance(output, tuple) else output
+            mask = tracker.mask(plan.positions, h.shape[0], h.shape[1], h.device)
+            for item in items:
+                h = item.apply(h, mask)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+        return hook
+
+    handles = [hf_model.model.embed_tokens.register_forward_hook(lambda m, i, o: tracker.observe(o.shape[1]))]
+    handles += [hf_model.model.layers[layer].register_forward_hook(make_hook(items)) for layer, items in by_layer.items()]
+    try:
+        ids = torch.tensor([list(prompt_ids)])
+        out = hf_model(input_ids=ids, use_cache=True)
+        past, logits, generated = out.past_key_values, out.logits[0, -1], []
+        for _ in range(new_tokens):
+            token = int(logits.argmax())
+            generated.append(token)
+            out = hf_model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[0, -1]
+            tokenizer.decode(generated, skip_special_tokens=True)  # as stream_generate does per step
+        return generated
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def run(options: Options, log=print) -> dict[str, Any]:
     threads = apply_threads(options)
     machine = machine_info()
@@ -121,7 +160,10 @@ def run(options: Options, log=print) -> dict[str, Any]:
     }
     if options.ablations:
         eager, _ = load_plain_hf(options.model_id, "eager")
+        twin, twin_tokenizer = load_plain_hf(options.model_id, "sdpa")  # the fix would share the weights
+        names["fix"] = "ablation: proposed fix, plain HF layers + forward-hook cap"
         variants.update({
+            names["fix"]: lambda n: hooked_plain_decode(twin, twin_tokenizer, prompt_ids, plan, n),
             "ablation: plain HF generate, eager attention": lambda n: hf_generate(eager, prompt_ids, n, pad),
             "ablation: plain HF, stream_generate's loop (no hooks)": lambda n: manual_decode(plain, prompt_ids, n),
         })
@@ -140,6 +182,8 @@ def run(options: Options, log=print) -> dict[str, Any]:
         "bridged_generate_same_tokens_as_plain": results[names["bridged"]] == results[names["plain"]],
         "capped_differs_from_unsteered": results[names["capped"]] != results[names["stream"]],
     }
+    if "fix" in names:
+        checks["proposed_fix_same_tokens_as_capped"] = results[names["fix"]] == results[names["capped"]]
     ratios = {
         "steered_vs_plain": ratio(measurements[names["capped"]], base),
         "tl_stream_unsteered_vs_plain": ratio(measurements[names["stream"]], base),
