@@ -1,8 +1,8 @@
 """``memory``: peak RSS of loading + extracting, relative to the model's parameter bytes.
 
 Each measurement runs in a fresh subprocess (``python -m bench.memory_bench <case> ...``) that
-reports its own RSS high-water mark (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), so one case
-cannot inherit another's peak. Cases:
+reports its own RSS high-water mark (``VmHWM`` in ``/proc/self/status``; ``ru_maxrss`` elsewhere), so
+one case cannot inherit another's peak. Cases:
 
 * ``imports``          the libraries a loading process imports (torch, transformers, TransformerLens)
 * ``pipeline-load``    ``steering.models.load_model`` (HF weights inside the TransformerLens bridge)
@@ -35,6 +35,17 @@ def defaults(options: Options) -> tuple[int, int]:
 
 
 def _peak_bytes() -> int:
+    """This process's RSS high-water mark.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``. Not ``ru_maxrss``: that survives ``execve`` and starts at the
+    RSS of the forked parent (a benchmark process holding two models would set every case's floor).
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) * (1 if sys.platform == "darwin" else 1024)  # KiB on Linux, bytes on macOS
 
@@ -141,7 +152,7 @@ def run(options: Options, log=print) -> dict[str, Any]:
         "machine": machine,
         "settings": {"model": options.model_id or "default (SmolLM2-135M-Instruct, embedded)", "dtype": "float32",
                      "n_responses": n, "max_response_tokens": max_tokens, "batch_size": options.batch_size,
-                     "measure": "ru_maxrss of a fresh subprocess per case"},
+                     "measure": "VmHWM (peak RSS) of a fresh subprocess per case"},
         "param_bytes": params,
         "cases": cases,
         "ratios": ratios,

@@ -6,6 +6,7 @@ The TransformerLens bridge runs with raw HF weights; hooks on ``blocks.{l}.hook_
 requested layer to the per-response aggregate in fp32 right inside the hook (no full-sequence copy
 of every layer is kept), and the forward pass stops after the last requested layer. Batches are
 sorted by length and right-padded.
+The hook of the last requested layer ends the forward pass (no later blocks, no logits).
 
 Storage (``<run>/activations``)::
 
@@ -33,6 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from pipeline.manifest import RunMismatchError, bind_model, record_step
 from pipeline.progress import JobProgress, ProgressCallback, StopRequested, check_stop, print_progress
@@ -128,15 +130,21 @@ def extract_batch(model: LoadedModel, items: Sequence[SpanItem], layers: Sequenc
     spans = [(item.start, item.end) for item in items]
     collected: dict[int, list[Tensor]] = {}
 
+    last = max(layers)
+
     def make_hook(layer: int):
         def hook(x: Tensor, hook) -> Tensor:
             collected[layer] = aggregate_span(x, spans, aggregation)
+            if layer == last:
+                # Nothing after the last requested layer is needed: not the later blocks, the final
+                # norm, nor the vocabulary-sized logits (``stop_at_layer=n_layers`` would not skip those).
+                raise StopAtLayerException(x)
             return x
         return hook
 
     hooks = [(block_output_hook_name(layer), make_hook(layer)) for layer in layers]
     model.bridge.run_with_hooks(ids.to(model.device), fwd_hooks=hooks, attention_mask=mask.to(model.device),
-                                stop_at_layer=max(layers) + 1, return_type=None)
+                                return_type=None)
     stack_dim = 0 if aggregation != "none" else 1
     return [torch.stack([collected[layer][row] for layer in layers], dim=stack_dim) for row in range(len(items))]
 
