@@ -44,3 +44,17 @@ def smollm2():
     from steering.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices: one intra-op thread avoids OpenMP spin contention on a shared 2-core box (restored after).
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -31,13 +31,7 @@ ANSWERS = {
 QUESTIONS = ["Who are you?", "What do you value most?", "Describe your morning routine."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread avoids OpenMP spin contention on a shared 2-core box (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _git(repo: Path, *args: str) -> str:

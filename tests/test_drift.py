@@ -24,13 +24,7 @@ MESSAGES = [
 SCRIPT = ["Who are you?", "Describe your morning routine."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread avoids OpenMP spin contention on a shared 2-core box (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _axis(n_layers: int, d_model: int, seed: int = 0) -> torch.Tensor:
