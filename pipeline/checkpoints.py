@@ -55,7 +55,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from pipeline.extract import ActivationStore, SpanItem, extract_batch, make_batches, spans_for_responses
+from pipeline.extract import ActivationStore, extract_batch, make_batches, spans_for_responses
 from pipeline.judge import read_scores
 from pipeline.manifest import RunMismatchError, record_step
 from pipeline.progress import JobProgress, ProgressCallback, StopRequested, check_stop, print_progress
@@ -396,8 +396,7 @@ def extract_checkpoint(resolved: ResolvedCheckpoint, folder: Path, needed: pd.Da
             })
             items, empty = spans_for_responses(model, pending)
             if empty:
-                role_of = dict(zip(pending["rollout_id"], pending["role"]))
-                store.save_batch([SpanItem(rid, role_of[rid], [], 0, 0) for rid in empty], [None] * len(empty))
+                store.save_empty(empty, dict(zip(pending["rollout_id"], pending["role"])))
                 result.empty = empty
                 result.extracted += len(empty)
                 tracker.advance(f"{resolved.spec.name}: empty responses", n=len(empty))

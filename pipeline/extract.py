@@ -39,6 +39,7 @@ from transformer_lens.model_bridge.exceptions import StopAtLayerException
 from pipeline.manifest import RunMismatchError, bind_model, record_step
 from pipeline.progress import JobProgress, ProgressCallback, StopRequested, check_stop, print_progress
 from pipeline.store import JsonlLog, RunPaths, atomic_write_json, atomic_write_with, read_responses
+from steering.axis_io import LAYER_CONVENTION
 from steering.chat_format import ChatTemplateError
 from steering.interventions import block_output_hook_name
 from steering.layers import parse_layer_spec
@@ -214,6 +215,10 @@ class ActivationStore:
                          "n_tokens": n_tokens[key]} for key in group]
         self.index.append_many(records)
 
+    def save_empty(self, rollout_ids: Sequence[str], role_of: dict[str, str]) -> None:
+        """Record responses with no tokens to extract, so a resumed run does not retry them."""
+        self.save_batch([SpanItem(rid, role_of[rid], [], 0, 0) for rid in rollout_ids], [None] * len(rollout_ids))
+
     def load(self, rollout_ids: Sequence[str] | None = None, role: str | None = None) -> dict[str, Tensor]:
         """Stored activations by rollout_id (empty responses are absent)."""
         entries = self.entries()
@@ -276,13 +281,12 @@ def run_extract(config: ExtractConfig, progress: ProgressCallback | None = None,
         store.check_or_write_meta({
             "model_id": config.model_id, "revision": config.revision, "dtype": config.dtype,
             "layers": layers, "aggregation": config.aggregation,
-            "n_layers": model.n_layers, "d_model": model.d_model, "layer_convention": "block_output",
+            "n_layers": model.n_layers, "d_model": model.d_model, "layer_convention": LAYER_CONVENTION,
         })
         record_step(config.run_dir, "extract", config, finished=False)
         items, empty = spans_for_responses(model, pending)
         if empty:
-            role_of = dict(zip(pending["rollout_id"], pending["role"]))
-            store.save_batch([SpanItem(rid, role_of[rid], [], 0, 0) for rid in empty], [None] * len(empty))
+            store.save_empty(empty, dict(zip(pending["rollout_id"], pending["role"])))
             report.empty = empty
             report.extracted += len(empty)
         tracker = JobProgress(total=len(items), label="extract", callback=progress)
