@@ -1,7 +1,7 @@
 """``steer``: tokens/s of capped chat generation vs plain HF ``generate`` with KV cache.
 
-Measured side: ``steering.generation.stream_generate`` on the TransformerLens-bridged model with
-an Assistant-axis cap (``steering.interventions.cap_on_axis``) at 8 layers. The axis is random
+Measured side: ``steering.generation.stream_generate`` (which decodes on the loaded model's
+weight-sharing plain twin, ``LoadedModel.decoder``) with an Assistant-axis cap (``steering.interventions.cap_on_axis``) at 8 layers. The axis is random
 (seeded, ``[n_layers, d_model]``) and the floor is 0 at every capped layer, so the cap moves
 about half of the positions; the clamp costs the same whether or not it is active.
 
@@ -11,13 +11,15 @@ switched off on every side (``eos_token_id=None`` for ``generate``; ``stop_token
 ``steering.generation`` patched to return nothing while measuring), so every variant generates
 exactly the same number of tokens. Prefill is included in every timing.
 
-Also measured: the bridged model unsteered, through ``stream_generate`` and through HF
-``generate`` on the bridged model (``model.hf_model.generate``), both vs plain HF.
+Also measured, vs plain HF: ``stream_generate`` unsteered; ``stream_generate`` capped and unsteered
+decoding through the TransformerLens bridge itself (:func:`through_bridge`, the code before the
+twin); HF ``generate`` on the bridged model (``model.hf_model.generate``), unsteered.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from typing import Any, Iterator
 
 import torch
@@ -28,7 +30,7 @@ from bench.models import load_pipeline_model, load_plain_hf
 from pipeline.role_schema import shipped_role_set
 from steering import generation as generation_module
 from steering.generation import GenerationSettings, stream_generate
-from steering.interventions import InterventionPlan, PositionTracker, cap_on_axis
+from steering.interventions import InterventionPlan, cap_on_axis
 
 TARGET_STEERED_VS_PLAIN = 0.8
 
@@ -93,43 +95,21 @@ def manual_decode(hf_model, prompt_ids: list[int], new_tokens: int) -> list[int]
     return tokens
 
 
-@torch.no_grad()
-def hooked_plain_decode(hf_model, tokenizer, prompt_ids: list[int], plan: InterventionPlan,
-                        new_tokens: int) -> list[int]:
-    """Prototype of the proposed fix: ``stream_generate``'s loop on plain HF decoder layers (sdpa), with
-    the plan applied by ``register_forward_hook`` on each intervened decoder layer (its output is
-    ``blocks.{l}.hook_out``) and the position tracker fed from the embedding, instead of bridge hooks."""
-    tracker = PositionTracker()
-    tracker.reset(len(prompt_ids))
-    by_layer: dict[int, list] = {}
-    for item in plan.interventions:
-        by_layer.setdefault(item.layer, []).append(item)
+@dataclasses.dataclass(frozen=True)
+class BridgeDecoding:
+    """Stands in for ``LoadedModel.decoder`` so ``stream_generate`` decodes through the TransformerLens bridge
+    itself (its HF model, whose layers are the bridge blocks, with bridge hooks): the code before the plain
+    twin, for comparison."""
 
-    def make_hook(items):
-        def hook(module, inputs, output):
-            h = output[0] if isinstance(output, tuple) else output
-            mask = tracker.mask(plan.positions, h.shape[0], h.shape[1], h.device)
-            for item in items:
-                h = item.apply(h, mask)
-            return (h, *output[1:]) if isinstance(output, tuple) else h
-        return hook
+    model: Any
+    bridge: Any
 
-    handles = [hf_model.model.embed_tokens.register_forward_hook(lambda m, i, o: tracker.observe(o.shape[1]))]
-    handles += [hf_model.model.layers[layer].register_forward_hook(make_hook(items)) for layer, items in by_layer.items()]
-    try:
-        ids = torch.tensor([list(prompt_ids)])
-        out = hf_model(input_ids=ids, use_cache=True)
-        past, logits, generated = out.past_key_values, out.logits[0, -1], []
-        for _ in range(new_tokens):
-            token = int(logits.argmax())
-            generated.append(token)
-            out = hf_model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[0, -1]
-            tokenizer.decode(generated, skip_special_tokens=True)  # as stream_generate does per step
-        return generated
-    finally:
-        for handle in handles:
-            handle.remove()
+    def hooks(self, fwd_hooks=()):
+        return self.bridge.hooks(fwd_hooks=fwd_hooks)
+
+
+def through_bridge(model):
+    return dataclasses.replace(model, decoder=BridgeDecoding(model=model.hf_model, bridge=model.bridge))
 
 
 def run(options: Options, log=print) -> dict[str, Any]:
@@ -148,22 +128,24 @@ def run(options: Options, log=print) -> dict[str, Any]:
     log(f"steer: prompt of {len(prompt_ids)} tokens, {new_tokens} new tokens, greedy, cap at layers "
         f"{layers[0]}..{layers[-1]} (random axis, floor 0), {rounds} rounds")
 
+    bridge_model = through_bridge(model)
     names = {"plain": "plain HF generate (sdpa, KV cache)",
              "capped": f"stream_generate + cap at {len(layers)} layers",
-             "stream": "stream_generate, unsteered (TL bridge)",
-             "bridged": "HF generate on the bridged model, unsteered"}
+             "stream": "stream_generate, unsteered",
+             "capped_bridge": "stream_generate + cap, decoding through the TL bridge",
+             "stream_bridge": "stream_generate, unsteered, through the TL bridge",
+             "bridged": "HF generate on the TL-bridged model, unsteered"}
     variants = {
         names["plain"]: lambda n: hf_generate(plain, prompt_ids, n, pad),
         names["capped"]: lambda n: stream_tokens(model, prompt_ids, plan, n),
         names["stream"]: lambda n: stream_tokens(model, prompt_ids, None, n),
+        names["capped_bridge"]: lambda n: stream_tokens(bridge_model, prompt_ids, plan, n),
+        names["stream_bridge"]: lambda n: stream_tokens(bridge_model, prompt_ids, None, n),
         names["bridged"]: lambda n: hf_generate(model.hf_model, prompt_ids, n, pad),
     }
     if options.ablations:
         eager, _ = load_plain_hf(options.model_id, "eager")
-        twin, twin_tokenizer = load_plain_hf(options.model_id, "sdpa")  # the fix would share the weights
-        names["fix"] = "ablation: proposed fix, plain HF layers + forward-hook cap"
         variants.update({
-            names["fix"]: lambda n: hooked_plain_decode(twin, twin_tokenizer, prompt_ids, plan, n),
             "ablation: plain HF generate, eager attention": lambda n: hf_generate(eager, prompt_ids, n, pad),
             "ablation: plain HF, stream_generate's loop (no hooks)": lambda n: manual_decode(plain, prompt_ids, n),
         })
@@ -181,12 +163,15 @@ def run(options: Options, log=print) -> dict[str, Any]:
         "unsteered_same_tokens_as_plain": results[names["stream"]] == results[names["plain"]],
         "bridged_generate_same_tokens_as_plain": results[names["bridged"]] == results[names["plain"]],
         "capped_differs_from_unsteered": results[names["capped"]] != results[names["stream"]],
+        # The plain twin and the bridge run the same plan on the same weights.
+        "capped_same_tokens_as_through_bridge": results[names["capped"]] == results[names["capped_bridge"]],
+        "unsteered_same_tokens_as_through_bridge": results[names["stream"]] == results[names["stream_bridge"]],
     }
-    if "fix" in names:
-        checks["proposed_fix_same_tokens_as_capped"] = results[names["fix"]] == results[names["capped"]]
     ratios = {
         "steered_vs_plain": ratio(measurements[names["capped"]], base),
-        "tl_stream_unsteered_vs_plain": ratio(measurements[names["stream"]], base),
+        "stream_unsteered_vs_plain": ratio(measurements[names["stream"]], base),
+        "tl_steered_vs_plain (decoding through the bridge)": ratio(measurements[names["capped_bridge"]], base),
+        "tl_stream_unsteered_vs_plain": ratio(measurements[names["stream_bridge"]], base),
         "tl_generate_unsteered_vs_plain": ratio(measurements[names["bridged"]], base),
         "cap_overhead (capped vs unsteered stream)": ratio(measurements[names["capped"]], measurements[names["stream"]]),
         "per_round_steered_vs_plain": per_round_ratios(measurements[names["capped"]], base),
@@ -201,10 +186,12 @@ def run(options: Options, log=print) -> dict[str, Any]:
     log(format_table(["variant", "best s", "tokens/s", "x plain"], rows))
     log(f"\nsteered (cap at {len(layers)} layers) vs plain HF: {ratios['steered_vs_plain']:.2f}x "
         f"(target >= {TARGET_STEERED_VS_PLAIN}: {'met' if targets['steered_vs_plain >= 0.8'] else 'MISSED'}); "
-        f"TL-wrapped unsteered vs plain: stream_generate {ratios['tl_stream_unsteered_vs_plain']:.2f}x, "
+        f"through the TL bridge: capped {ratios['tl_steered_vs_plain (decoding through the bridge)']:.2f}x, "
+        f"unsteered stream_generate {ratios['tl_stream_unsteered_vs_plain']:.2f}x, "
         f"HF generate {ratios['tl_generate_unsteered_vs_plain']:.2f}x")
     log(f"checks: every variant generated {new_tokens} tokens: {checks['all_generated_max_tokens']}; "
-        f"unsteered greedy tokens equal plain HF: {checks['unsteered_same_tokens_as_plain']}")
+        f"unsteered greedy tokens equal plain HF: {checks['unsteered_same_tokens_as_plain']}; "
+        f"capped tokens equal decoding through the bridge: {checks['capped_same_tokens_as_through_bridge']}")
 
     payload: dict[str, Any] = {
         "machine": machine,

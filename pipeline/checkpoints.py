@@ -55,10 +55,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from pipeline.extract import ActivationStore, extract_batch, make_batches, spans_for_responses
+from pipeline.extract import ActivationStore, extract_pending
 from pipeline.judge import read_scores
 from pipeline.manifest import RunMismatchError, record_step
-from pipeline.progress import JobProgress, ProgressCallback, StopRequested, check_stop, print_progress
+from pipeline.progress import JobProgress, ProgressCallback, print_progress
 from pipeline.role_schema import DEFAULT_ROLE_NAME
 from pipeline.store import RunPaths, atomic_write_json, atomic_write_text, read_responses, write_parquet_atomic
 from pipeline.vectors import compute_vectors
@@ -394,20 +394,11 @@ def extract_checkpoint(resolved: ResolvedCheckpoint, folder: Path, needed: pd.Da
                 "dtype": config.dtype, "source": resolved.source, "checkpoint": resolved.spec.text,
                 "layer_convention": LAYER_CONVENTION,
             })
-            items, empty = spans_for_responses(model, pending)
-            if empty:
-                store.save_empty(empty, dict(zip(pending["rollout_id"], pending["role"])))
-                result.empty = empty
-                result.extracted += len(empty)
-                tracker.advance(f"{resolved.spec.name}: empty responses", n=len(empty))
-            for batch in make_batches(items, config.batch_size, config.max_batch_tokens):
-                check_stop(stop_event)
-                tensors = extract_batch(model, batch, extract_layers, "mean")
-                store.save_batch(batch, tensors)
-                result.extracted += len(batch)
-                tracker.advance(f"{resolved.spec.name}: {batch[-1].role}", n=len(batch))
-        except StopRequested:
-            result.stopped = True
+            name = resolved.spec.name
+            done_now = extract_pending(model, store, pending, extract_layers, "mean", config.batch_size,
+                                       config.max_batch_tokens, lambda label, n: tracker.advance(f"{name}: {label}", n=n),
+                                       stop_event)
+            result.extracted, result.empty, result.stopped = done_now.extracted, done_now.empty, done_now.stopped
         finally:
             del model
             gc.collect()

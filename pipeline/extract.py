@@ -28,7 +28,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from safetensors import safe_open
@@ -262,6 +262,42 @@ def spans_for_responses(model: LoadedModel, frame) -> tuple[list[SpanItem], list
     return items, empty
 
 
+@dataclass
+class PendingExtraction:
+    """What :func:`extract_pending` finished before it returned."""
+
+    extracted: int = 0  # responses saved, empty ones included
+    empty: list[str] = field(default_factory=list)  # rollout ids of responses with no tokens
+    stopped: bool = False
+
+
+def extract_pending(model: LoadedModel, store: ActivationStore, pending, layers: Sequence[int],
+                    aggregation: Aggregation, batch_size: int, max_batch_tokens: int,
+                    advance: Callable[[str, int], None], stop_event: threading.Event | None = None
+                    ) -> PendingExtraction:
+    """Extract the responses of ``pending`` (rows of the responses table) into ``store``.
+
+    Empty responses are recorded first; then batches sorted by length, each saved as soon as it is
+    done, with ``advance(label, n)`` after each. A stop request ends it between batches
+    (``stopped``); everything saved stays saved.
+    """
+    result = PendingExtraction()
+    items, empty = spans_for_responses(model, pending)
+    if empty:
+        store.save_empty(empty, dict(zip(pending["rollout_id"], pending["role"])))
+        result.empty, result.extracted = empty, len(empty)
+        advance("empty responses", len(empty))
+    try:
+        for batch in make_batches(items, batch_size, max_batch_tokens):
+            check_stop(stop_event)
+            store.save_batch(batch, extract_batch(model, batch, layers, aggregation))
+            result.extracted += len(batch)
+            advance(batch[-1].role, len(batch))
+    except StopRequested:
+        result.stopped = True
+    return result
+
+
 def run_extract(config: ExtractConfig, progress: ProgressCallback | None = None,
                 stop_event: threading.Event | None = None, model: LoadedModel | None = None) -> ExtractReport:
     """Extract activations for every response without them. Safe to interrupt and rerun."""
@@ -284,21 +320,10 @@ def run_extract(config: ExtractConfig, progress: ProgressCallback | None = None,
             "n_layers": model.n_layers, "d_model": model.d_model, "layer_convention": LAYER_CONVENTION,
         })
         record_step(config.run_dir, "extract", config, finished=False)
-        items, empty = spans_for_responses(model, pending)
-        if empty:
-            store.save_empty(empty, dict(zip(pending["rollout_id"], pending["role"])))
-            report.empty = empty
-            report.extracted += len(empty)
-        tracker = JobProgress(total=len(items), label="extract", callback=progress)
-        try:
-            for batch in make_batches(items, config.batch_size, config.max_batch_tokens):
-                check_stop(stop_event)
-                tensors = extract_batch(model, batch, layers, config.aggregation)
-                store.save_batch(batch, tensors)
-                report.extracted += len(batch)
-                tracker.advance(batch[-1].role, n=len(batch))
-        except StopRequested:
-            report.stopped = True
+        tracker = JobProgress(total=len(pending), label="extract", callback=progress)
+        done_now = extract_pending(model, store, pending, layers, config.aggregation, config.batch_size,
+                                   config.max_batch_tokens, lambda label, n: tracker.advance(label, n=n), stop_event)
+        report.extracted, report.empty, report.stopped = done_now.extracted, done_now.empty, done_now.stopped
     if report.remaining == 0:
         for role in sorted(set(responses["role"])):
             if (store.dir / "parts" / role).exists():

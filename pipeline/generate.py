@@ -116,6 +116,11 @@ def _response_row(item: PendingRollout, text: str, finish_reason: str, n_tokens:
     }
 
 
+def rollout_seed(config: GenerateConfig, item: PendingRollout) -> int:
+    """The run's seed mixed with the rollout id: repeated samples of one prompt differ, reruns repeat."""
+    return config.seed ^ zlib.crc32(item.row["rollout_id"].encode())
+
+
 class TransformersBackend:
     """Batched ``generate`` of a plain HF model (no hooks needed), left padding, sorted by length."""
 
@@ -125,7 +130,8 @@ class TransformersBackend:
         if loaded is not None:
             if loaded.model_id != config.model_id:
                 raise ValueError(f"the loaded model is {loaded.model_id!r}, the run asks for {config.model_id!r}")
-            self.model, self.tokenizer = loaded.hf_model, loaded.tokenizer
+            # The plain twin shares the weights and skips the bridge's per-step overhead.
+            self.model, self.tokenizer = loaded.decoder.model, loaded.tokenizer
         else:
             self.model, self.tokenizer = load_hf_model(config.model_spec())
         self.chat = ChatFormat(self.tokenizer)
@@ -146,7 +152,7 @@ class TransformersBackend:
             ids[i, width - len(item.prompt_ids):] = torch.tensor(item.prompt_ids)
             mask[i, width - len(item.prompt_ids):] = 1
         # Seeded per batch content, so a resumed run samples the same way for the same batch.
-        torch.manual_seed(cfg.seed ^ zlib.crc32(batch[0].row["rollout_id"].encode()))
+        torch.manual_seed(rollout_seed(cfg, batch[0]))
         sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p) if cfg.temperature > 0 \
             else dict(do_sample=False)
         out = self.model.generate(
@@ -194,8 +200,9 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         cfg = self.config
-        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                                seed=cfg.seed ^ zlib.crc32(batch[0].row["rollout_id"].encode()))
+        # One seed per rollout: repeated samples of a prompt differ, and a rerun repeats them whatever the batches.
+        params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                                 seed=rollout_seed(cfg, item)) for item in batch]
         prompts = [{"prompt_token_ids": list(item.prompt_ids)} for item in batch]
         outputs = self.engine.generate(prompts, params, use_tqdm=False)
         results = []
@@ -218,6 +225,7 @@ class OpenAICompatibleBackend:
         self.llm_config = LLMConfig(provider="openai-compatible", model=config.served_model_name or config.model_id,
                                     base_url=config.base_url, api_key=config.api_key,
                                     max_concurrency=config.concurrency, temperature=config.temperature,
+                                    top_p=None if config.top_p >= 1.0 else config.top_p,
                                     max_tokens=config.max_new_tokens)
         check_api_key(self.llm_config)
         # The local tokenizer (when available) only renders prompts for length sorting and bookkeeping.
@@ -233,7 +241,8 @@ class OpenAICompatibleBackend:
         async def run() -> list[tuple[str, str, int]]:
             client = make_client(self.llm_config)
             try:
-                completions = await asyncio.gather(*(client.complete(item.messages) for item in batch))
+                completions = await asyncio.gather(*(client.complete(item.messages, seed=rollout_seed(self.config, item))
+                                                     for item in batch))
             finally:
                 await client.close()
             return [(c.text, "stop" if c.stop_reason in (None, "stop", "end_turn") else str(c.stop_reason),

@@ -124,6 +124,8 @@ class LLMConfig:
     timeout_s: float = 120.0
     #: ``None`` leaves the provider's default (some recent models reject the parameter).
     temperature: float | None = 0.0
+    #: ``None`` leaves the provider's default.
+    top_p: float | None = None
     max_tokens: int = 1024
     #: First backoff delay; doubles with each retry (with jitter), capped at backoff_max_s.
     backoff_base_s: float = 1.0
@@ -181,6 +183,7 @@ class LLMConfig:
             "model": self.model,
             "base_url": self.base_url,
             "temperature": self.temperature,
+            "top_p": self.top_p,
             "max_tokens": self.max_tokens,
         }
 
@@ -395,11 +398,13 @@ class LLMClient:
         system: str | None = None,
         *,
         max_tokens: int | None = None,
+        seed: int | None = None,
     ) -> Completion:
         """Send one conversation, return the model's reply.
 
         ``messages`` are ``{"role": "user"|"assistant"|"system", "content": str}``;
-        leading system messages are merged into ``system``.
+        leading system messages are merged into ``system``. ``seed`` (OpenAI and OpenAI-compatible
+        servers such as vLLM; Anthropic has none) makes sampling repeatable where the server supports it.
         """
         if self._closed:
             raise LLMError("this LLM client was closed; create a new one with make_client()")
@@ -413,7 +418,7 @@ class LLMClient:
                 if self._limiter is not None:
                     await self._limiter.acquire()
                 try:
-                    completion = await self._send(turns, system, limit)
+                    completion = await self._send(turns, system, limit, seed)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # classified below; programming errors re-raised
@@ -478,16 +483,19 @@ class LLMClient:
                 )
         return self._sdk
 
-    async def _send(self, turns: list[dict[str, Any]], system: str | None, max_tokens: int) -> Completion:
+    async def _send(self, turns: list[dict[str, Any]], system: str | None, max_tokens: int,
+                    seed: int | None = None) -> Completion:
         cfg = self.config
         client = self._client()
         if cfg.provider == "anthropic":
             kwargs: dict[str, Any] = {}
             if system:
                 kwargs["system"] = system
-            if cfg.temperature is not None:
-                # Not a typed argument of every SDK version; the API accepts it.
-                kwargs["extra_body"] = {"temperature": cfg.temperature}
+            sampling = {name: value for name, value in (("temperature", cfg.temperature), ("top_p", cfg.top_p))
+                        if value is not None}
+            if sampling:
+                # Not typed arguments of every SDK version; the API accepts them.
+                kwargs["extra_body"] = sampling
             message = await client.messages.create(
                 model=cfg.model, max_tokens=max_tokens, messages=turns, **kwargs
             )
@@ -496,6 +504,10 @@ class LLMClient:
         kwargs = {}
         if cfg.temperature is not None:
             kwargs["temperature"] = cfg.temperature
+        if cfg.top_p is not None:
+            kwargs["top_p"] = cfg.top_p
+        if seed is not None:
+            kwargs["seed"] = seed
         if cfg.provider == "openai":
             kwargs["max_completion_tokens"] = max_tokens
         else:  # servers implementing the older protocol know only max_tokens

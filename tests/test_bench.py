@@ -57,3 +57,22 @@ def test_capping_layers_and_cli_parser():
     assert capping_layers(10) == list(range(2, 10))
     args = build_parser().parse_args(["all", "--quick"])
     assert args.name == "all" and args.quick
+
+
+def test_steer_benchmark_quick_on_tiny_model(tiny_model_dir, tmp_path):
+    from bench.__main__ import main
+
+    out = tmp_path / "results"
+    code = main(["steer", "--quick", "--model", str(tiny_model_dir), "--max-tokens", "8", "--repeats", "1",
+                 "--out-dir", str(out)])
+    assert code == 0
+    data = json.loads((out / "steer-quick.json").read_text())
+    checks = data["checks"]
+    assert checks["all_generated_max_tokens"] is True
+    # The plain twin and the bridge decode the same tokens with the same cap; the cap changes them.
+    assert checks["capped_same_tokens_as_through_bridge"] is True
+    assert checks["unsteered_same_tokens_as_through_bridge"] is True
+    for key in ("steered_vs_plain", "tl_stream_unsteered_vs_plain", "tl_generate_unsteered_vs_plain"):
+        value = data["ratios"][key]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, key
+    assert set(data["targets"]) == {"steered_vs_plain >= 0.8"}

@@ -244,7 +244,9 @@ def test_crash_and_resume(setup, first_run, models, monkeypatch, tmp_path):
     cfg = ck.CheckpointsConfig(**{**_config(setup).__dict__, "run_dir": run, "batch_size": 2,
                                   "checkpoints": (str(setup["perturbed"]), str(setup["final"])),
                                   "names": ("perturbed", "final")})
-    real = ck.extract_batch
+    import pipeline.extract as extract_module
+
+    real = extract_module.extract_batch
     n = {"calls": 0}
 
     def crashing(*args, **kwargs):
@@ -253,12 +255,12 @@ def test_crash_and_resume(setup, first_run, models, monkeypatch, tmp_path):
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ck, "extract_batch", crashing)
+    monkeypatch.setattr(extract_module, "extract_batch", crashing)
     with pytest.raises(KeyboardInterrupt):
         ck.run_project_checkpoints(cfg, loader=_counting_loader([], models))
     stored = len(ActivationStore(run / "checkpoints" / "perturbed").entries())
     assert stored == 4  # two batches of two saved before the kill
-    monkeypatch.setattr(ck, "extract_batch", real)
+    monkeypatch.setattr(extract_module, "extract_batch", real)
     calls = []
     resumed = ck.run_project_checkpoints(cfg, loader=_counting_loader(calls, models))
     total = resumed.checkpoints[0].total

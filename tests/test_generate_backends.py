@@ -45,16 +45,20 @@ def test_openai_compatible_backend_against_local_server(tiny_model_dir, tmp_path
         assert convo[-2] == {"role": "user", "content": row["question"]}
     bodies = [r.body for r in openai_server.chat_requests]
     assert all(b["model"] == "served-model" and b["max_tokens"] == 32 for b in bodies)
+    assert len({b["seed"] for b in bodies}) == 8  # one seed per rollout
+    assert all("top_p" not in b for b in bodies)  # top_p=1.0 leaves the server's default
     systems = {b["messages"][0]["content"] for b in bodies if b["messages"][0]["role"] == "system"}
     assert "{model_name}" not in "".join(systems)
     assert run_generate(config).generated == 0
 
 
-def test_reusing_the_loaded_bridged_model_generates_the_same(tiny_model, tiny_model_dir, tmp_path):
+def test_reusing_the_loaded_model_generates_the_same(tiny_model, tiny_model_dir, tmp_path):
     config = GenerateConfig(run_dir=tmp_path, model_id=str(tiny_model_dir), temperature=0.0, max_new_tokens=6)
     plain = TransformersBackend(config)
     reused = TransformersBackend(config, loaded=tiny_model)
-    assert reused.model is tiny_model.hf_model
+    # It generates on the loaded model's weights (the plain twin), not on a second copy.
+    assert reused.model is tiny_model.decoder.model
+    assert reused.model.lm_head.weight is tiny_model.hf_model.lm_head.weight
     prompts = [plain.chat.prompt_ids("You are a ghost.", "Where do you live?"),
                plain.chat.prompt_ids(None, "What do you value most, and why does it matter to you?")]
     items = [PendingRollout(row={"rollout_id": f"r{i}"}, messages=[], prompt_ids=p) for i, p in enumerate(prompts)]
@@ -79,13 +83,17 @@ class _FakeVLLM:
                 fake.engines.append(self)
 
             def generate(self, prompts, params, use_tqdm=True):
-                self.calls.append((prompts, params))
+                # vLLM takes one SamplingParams for all prompts or a list with one per prompt.
+                per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+                if len(per_prompt) != len(prompts):
+                    raise ValueError("The lengths of prompts and sampling_params must be the same.")
+                self.calls.append((prompts, per_prompt))
                 outputs = []
-                for prompt in prompts:
+                for prompt, param in zip(prompts, per_prompt):
                     ids = prompt["prompt_token_ids"]
-                    n = min(params.kwargs["max_tokens"], len(ids) % 5 + 1)
+                    n = min(param.kwargs["max_tokens"], len(ids) % 5 + 1)
                     completion = types.SimpleNamespace(text=f"reply to {len(ids)} tokens", token_ids=list(range(n)),
-                                                       finish_reason="length" if n == params.kwargs["max_tokens"]
+                                                       finish_reason="length" if n == param.kwargs["max_tokens"]
                                                        else "stop")
                     outputs.append(types.SimpleNamespace(outputs=[completion]))
                 return outputs
@@ -108,8 +116,11 @@ def test_vllm_backend_drives_the_engine_with_templated_token_ids(tiny_model_dir,
     assert engine.kwargs["tensor_parallel_size"] == 2 and engine.kwargs["gpu_memory_utilization"] == 0.8
     assert engine.kwargs["max_model_len"] == 2048 and engine.kwargs["model"] == str(tiny_model_dir)
     assert [len(prompts) for prompts, _ in engine.calls] == [5, 5, 2]
-    params = engine.calls[0][1].kwargs
+    params = engine.calls[0][1][0].kwargs
     assert params["temperature"] == 0.5 and params["top_p"] == 0.9 and params["max_tokens"] == 3
+    # One seed per rollout, so repeated samples of one prompt do not come out identical.
+    seeds = [p.kwargs["seed"] for _, per_prompt in engine.calls for p in per_prompt]
+    assert len(set(seeds)) == 12
     from steering.chat_format import ChatFormat
     from transformers import AutoTokenizer
     chat = ChatFormat(AutoTokenizer.from_pretrained(tiny_model_dir))

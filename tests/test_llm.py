@@ -83,8 +83,22 @@ def test_token_limit_parameter_per_provider(openai_server: FakeLLMServer) -> Non
 
 def test_anthropic_max_tokens(anthropic_server: FakeLLMServer) -> None:
     complete(anthropic_server.config(max_tokens=99, temperature=0.5))
-    (request,) = anthropic_server.chat_requests
-    assert request.body["max_tokens"] == 99 and request.body["temperature"] == 0.5
+    complete(anthropic_server.config(top_p=0.8))
+    first, second = anthropic_server.chat_requests
+    assert first.body["max_tokens"] == 99 and first.body["temperature"] == 0.5 and "top_p" not in first.body
+    assert second.body["top_p"] == 0.8
+
+
+def test_top_p_and_per_request_seed_reach_openai_servers(openai_server: FakeLLMServer) -> None:
+    async def go():
+        async with make_client(openai_server.config(provider="openai-compatible", top_p=0.9)) as client:
+            await client.complete(USER, seed=11)
+            await client.complete(USER)
+
+    asyncio.run(go())
+    first, second = openai_server.chat_requests
+    assert first.body["top_p"] == 0.9 and first.body["seed"] == 11
+    assert second.body["top_p"] == 0.9 and "seed" not in second.body
 
 
 # --------------------------------------------------------------------------- retries
