@@ -31,6 +31,7 @@ from pipeline.role_schema import shipped_role_set
 from steering import generation as generation_module
 from steering.generation import GenerationSettings, stream_generate
 from steering.interventions import InterventionPlan, cap_on_axis
+from steering.plain_decoder import BridgeDecoder
 
 TARGET_STEERED_VS_PLAIN = 0.8
 
@@ -95,21 +96,9 @@ def manual_decode(hf_model, prompt_ids: list[int], new_tokens: int) -> list[int]
     return tokens
 
 
-@dataclasses.dataclass(frozen=True)
-class BridgeDecoding:
-    """Stands in for ``LoadedModel.decoder`` so ``stream_generate`` decodes through the TransformerLens bridge
-    itself (its HF model, whose layers are the bridge blocks, with bridge hooks): the code before the plain
-    twin, for comparison."""
-
-    model: Any
-    bridge: Any
-
-    def hooks(self, fwd_hooks=()):
-        return self.bridge.hooks(fwd_hooks=fwd_hooks)
-
-
 def through_bridge(model):
-    return dataclasses.replace(model, decoder=BridgeDecoding(model=model.hf_model, bridge=model.bridge))
+    """``model`` decoding through the TransformerLens bridge itself: the code before the plain twin."""
+    return dataclasses.replace(model, decoder=BridgeDecoder(model=model.hf_model, bridge=model.bridge))
 
 
 def run(options: Options, log=print) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import torch
 
 from steering.atomic_io import build_directory_once
 from steering.chat_format import ChatFormat, ChatTemplateError
-from steering.plain_decoder import PlainDecoder
+from steering.plain_decoder import BridgeDecoder, PlainDecoder, make_decoder
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class LoadedModel:
     spec: ModelSpec
     bridge: Any  # transformer_lens.model_bridge.TransformerBridge
     hf_model: Any  # transformers.PreTrainedModel whose layers are the bridge's blocks
-    decoder: PlainDecoder  # plain HF twin sharing hf_model's weights, for fast generation
+    decoder: PlainDecoder | BridgeDecoder  # plain HF twin sharing hf_model's weights, for fast generation
     tokenizer: Any
     chat: ChatFormat
     source_path: str | None = None
@@ -242,7 +242,7 @@ def load_model(spec: ModelSpec | str | None = None, *, require_chat_template: bo
         spec=spec,
         bridge=bridge,
         hf_model=bridge.original_model,
-        decoder=PlainDecoder(bridge, bridge.original_model),
+        decoder=make_decoder(bridge, bridge.original_model),
         tokenizer=tokenizer,
         chat=ChatFormat(tokenizer),
         source_path=source if Path(source).exists() else None,
@@ -258,5 +258,5 @@ def from_hf_objects(hf_model, tokenizer, model_id: str, *, revision: str | None 
     bridge = wrap_in_bridge(hf_model, tokenizer, model_id, hf_model.dtype)
     verify_cached_decoding(bridge.original_model, tokenizer)
     return LoadedModel(spec=spec, bridge=bridge, hf_model=bridge.original_model,
-                       decoder=PlainDecoder(bridge, bridge.original_model), tokenizer=tokenizer,
+                       decoder=make_decoder(bridge, bridge.original_model), tokenizer=tokenizer,
                        chat=ChatFormat(tokenizer), revision_label=revision)

@@ -19,6 +19,7 @@ the bridge.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 _WRAPPED = "._original_component"
 _BLOCK_OUT = re.compile(r"^blocks\.(\d+)\.hook_out$")
@@ -151,3 +154,29 @@ class PlainDecoder:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+@dataclass(frozen=True)
+class BridgeDecoder:
+    """Decoding through the bridge itself: its HF model (whose layers are the bridge blocks) with bridge hooks.
+
+    The fallback of :func:`make_decoder` when no plain twin can be built; same interface as
+    :class:`PlainDecoder`, same results, about 0.75x the speed.
+    """
+
+    model: Any
+    bridge: Any
+    attn_implementation: str = "bridge (eager)"
+
+    def hooks(self, fwd_hooks: Sequence[tuple[str, Callable]] = ()):
+        return self.bridge.hooks(fwd_hooks=fwd_hooks)
+
+
+def make_decoder(bridge, bridged_hf_model) -> PlainDecoder | BridgeDecoder:
+    """The plain twin, or decoding through the bridge (with a warning) where the twin cannot be built."""
+    try:
+        return PlainDecoder(bridge, bridged_hf_model)
+    except Exception as exc:  # noqa: BLE001 - any architecture-specific failure: decode through the bridge
+        log.warning("generation will run through the TransformerLens bridge (about 0.75x speed): "
+                    "no plain twin of %s (%s: %s)", type(bridged_hf_model).__name__, type(exc).__name__, exc)
+        return BridgeDecoder(model=bridged_hf_model, bridge=bridge)

@@ -1,4 +1,6 @@
 """The weight-sharing plain twin used for generation: same weights, same hook points, same results as the bridge."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -132,3 +134,56 @@ def test_stream_generate_on_the_twin_equals_decoding_through_the_bridge(tiny_mod
             assert step.projections[layer] >= float(tau[layer]) - 1e-3
     unsteered = [s.token_id for s in stream_generate(m, prompt, None, GenerationSettings(max_new_tokens=n))]
     assert unsteered != expected_ids  # the cap changed the text
+
+
+def test_without_a_twin_generation_falls_back_to_the_bridge(tiny_model, monkeypatch, caplog):
+    import steering.plain_decoder as plain_decoder
+
+    def refuse(*args, **kwargs):
+        raise PlainDecoderError("2 tensors have no counterpart")
+
+    monkeypatch.setattr(plain_decoder, "weight_sharing_twin", refuse)
+    m = tiny_model
+    with caplog.at_level("WARNING", logger="steering.plain_decoder"):
+        decoder = plain_decoder.make_decoder(m.bridge, m.hf_model)
+    assert isinstance(decoder, plain_decoder.BridgeDecoder) and decoder.model is m.hf_model
+    assert "through the TransformerLens bridge" in caplog.text and "no counterpart" in caplog.text
+    fallback = dataclasses.replace(m, decoder=decoder)
+    prompt = m.chat.prompt_ids("You are a pirate.", "Who are you?")
+    plan = InterventionPlan([AddVector(layer=1, vector=_rand(m.d_model, seed=4), coefficient=30.0)])
+    settings = GenerationSettings(max_new_tokens=8)
+    assert [s.token_id for s in stream_generate(fallback, prompt, plan, settings)] == \
+        [s.token_id for s in stream_generate(m, prompt, plan, settings)]
+
+
+def _tiny_architecture(name):
+    import transformers as tf
+
+    small = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2)
+    return {
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**small)),
+        "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**small, head_dim=16)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=400, n_embd=64, n_layer=3, n_head=4,
+                                                         bos_token_id=0, eos_token_id=0)),
+    }[name]()
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "gemma2", "gpt2"])
+def test_twin_of_other_architectures_matches_the_bridge(architecture, tmp_path):
+    from steering.models import load_model
+    from steering.plain_decoder import PlainDecoder
+    from tests.tiny_models import build_tokenizer
+
+    torch.manual_seed(0)
+    _tiny_architecture(architecture).save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    m = load_model(str(tmp_path))
+    assert isinstance(m.decoder, PlainDecoder)
+    # every twin tensor is one of the bridged model's (the GPT-2 bridge adds split q/k/v weights of its own)
+    assert _tensor_ptrs(m.decoder.model) <= _tensor_ptrs(m.hf_model)
+    ids = torch.tensor([m.chat.prompt_ids("You are a ghost.", "Where do you live?")])
+    bridge_acts, bridge_logits = _run(m, m.bridge, ids)
+    twin_acts, twin_logits = _run(m, m.decoder, ids)
+    assert torch.allclose(twin_acts, bridge_acts, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(twin_logits, bridge_logits, atol=1e-5, rtol=1e-5)
