@@ -135,7 +135,7 @@ class PlainDecoder:
 
     @contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> Iterator["PlainDecoder"]:
-        """Register ``(hook_name, fn(x, hook) -> x)`` pairs for the block; same call as the bridge's ``hooks``.
+        """Register ``(hook_name, fn(x, hook) -> x)`` pairs on the twin; same call as the bridge's ``hooks``.
 
         Hooks at one point run in the order given. All are removed on exit, also on error.
         """
