@@ -147,7 +147,7 @@ def checkpoints_function(config, models: ModelStore) -> Callable[[Job], Any]:
         report = run_project_checkpoints(config, progress=job.progress, stop_event=job.stop_event,
                                          loader=checkpoint_loader(models))
         return {"checkpoints": [{"name": c.name, "responses": c.total, "stored_before": c.already_done,
-                                 "extracted": c.extracted, "empty": len(c.empty)} for c in report.checkpoints],
+                                 "extracted": c.extracted, "reused_from_run": c.reused, "empty": len(c.empty)} for c in report.checkpoints],
                 "layers": report.layers, "final": report.final, "stopped": report.stopped,
                 "skipped_roles": report.skipped_roles,
                 "output_dir": str(report.files["json"].parent) if "json" in report.files else None}

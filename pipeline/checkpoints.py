@@ -32,7 +32,9 @@ Storage, under ``<run>/checkpoints/``::
 
 Only the responses the vectors need are extracted (the ``default`` role and responses with score
 ``>= min_score``). Rerunning resumes per checkpoint and per response; a checkpoint whose responses
-are all stored is not even loaded.
+are all stored is not even loaded. A checkpoint that is the run's own model (same id or directory,
+revision and dtype) takes the run's activations instead of extracting them again (``--no-reuse`` to
+extract anyway).
 """
 from __future__ import annotations
 
@@ -55,14 +57,14 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from pipeline.extract import ActivationStore, extract_pending
+from pipeline.extract import ActivationStore, SpanItem, extract_pending
 from pipeline.judge import read_scores
 from pipeline.manifest import RunMismatchError, record_step
 from pipeline.progress import JobProgress, ProgressCallback, print_progress
 from pipeline.role_schema import DEFAULT_ROLE_NAME
 from pipeline.store import RunPaths, atomic_write_json, atomic_write_text, read_responses, write_parquet_atomic
 from pipeline.vectors import compute_vectors
-from steering.axis_io import AxisBundle, load_axis
+from steering.axis_io import LAYER_CONVENTION, AxisBundle, load_axis
 from steering.axis_math import compute_axis, cosine_per_layer, pca, project, unit
 from steering.atomic_io import build_directory_once
 from steering.layers import parse_layer_spec
@@ -73,7 +75,6 @@ log = logging.getLogger(__name__)
 PROJECTIONS_STEM = "projections"
 SUMMARY_STEM = "summary"
 FIGURE_FILE = "trajectories.html"
-LAYER_CONVENTION = "block_output"
 
 
 # ---------------------------------------------------------------- layers
@@ -279,6 +280,7 @@ class CheckpointsConfig:
     out_dir: Path | None = None  # None = <run>/checkpoints
     export_dir: Path | None = None  # git revision exports (None = <cache>/git-exports)
     write_figures: bool = True
+    reuse_run_activations: bool = True  # a checkpoint that is the run's own model takes the run's activations
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir))
@@ -311,13 +313,14 @@ class CheckpointExtraction:
     total: int
     already_done: int
     extracted: int = 0
+    reused: int = 0  # copied from the run's own activations (the checkpoint is the run's model)
     empty: list[str] = field(default_factory=list)
     loaded: bool = False
     stopped: bool = False
 
     @property
     def remaining(self) -> int:
-        return self.total - self.already_done - self.extracted
+        return self.total - self.already_done - self.extracted - self.reused
 
 
 @dataclass
@@ -363,6 +366,46 @@ def _check_stored_meta(store: ActivationStore, expected: dict, layers: list[int]
     return list(meta["layers"])
 
 
+def run_store_of_same_model(resolved: ResolvedCheckpoint, run_dir: Path, dtype: str) -> ActivationStore | None:
+    """The run's own activation store when ``resolved`` is the model (and revision, dtype) the run was
+    extracted with, by mean over response tokens; else None."""
+    store = ActivationStore(run_dir)
+    meta = store.meta()
+    if not meta or meta.get("aggregation") != "mean" or meta.get("dtype") != dtype:
+        return None
+    if resolved.kind == "hub":
+        same = resolved.source == meta.get("model_id") and resolved.revision == meta.get("revision")
+    elif resolved.kind == "path":
+        run_model = Path(str(meta.get("model_id"))).expanduser()
+        same = meta.get("revision") is None and run_model.is_dir() and \
+            run_model.resolve() == Path(resolved.source).resolve()
+    else:  # a git revision is exported to a folder of its own; the run never used that folder
+        same = False
+    return store if same else None
+
+
+def reuse_run_activations(run_store: ActivationStore, store: ActivationStore, pending: pd.DataFrame,
+                          layers: list[int], chunk: int = 256) -> tuple[int, list[str]]:
+    """Copy the run's activations of the ``pending`` responses, at ``layers``, into ``store``.
+
+    Responses the run has not extracted are left pending. Returns (responses copied, empty ones among them).
+    """
+    run_layers = run_store.meta()["layers"]
+    index = [run_layers.index(layer) for layer in layers]
+    entries = run_store.entries()
+    available = [rid for rid in pending["rollout_id"] if rid in entries]
+    empty = [rid for rid in available if not entries[rid]["file"]]
+    if empty:
+        store.save_empty(empty, {rid: entries[rid]["role"] for rid in empty})
+    with_tensors = [rid for rid in available if entries[rid]["file"]]
+    for start in range(0, len(with_tensors), chunk):
+        keys = with_tensors[start:start + chunk]
+        tensors = run_store.load(keys)
+        items = [SpanItem(rid, entries[rid]["role"], [], 0, int(entries[rid]["n_tokens"])) for rid in keys]
+        store.save_batch(items, [tensors[rid][index] for rid in keys])
+    return len(available), empty
+
+
 def extract_checkpoint(resolved: ResolvedCheckpoint, folder: Path, needed: pd.DataFrame, layers: list[int],
                        config: CheckpointsConfig, axis: AxisBundle, tracker: JobProgress,
                        stop_event: threading.Event | None = None,
@@ -376,6 +419,21 @@ def extract_checkpoint(resolved: ResolvedCheckpoint, folder: Path, needed: pd.Da
     expected = {"model_id": resolved.spec.model_id, "revision": resolved.revision, "aggregation": "mean"}
     stored_layers = _check_stored_meta(store, expected, layers)
     description = {**resolved.describe(), "layers": stored_layers or layers}
+    extract_layers = stored_layers or layers
+    run_store = run_store_of_same_model(resolved, config.run_dir, config.dtype) \
+        if config.reuse_run_activations and not pending.empty else None
+    run_meta = run_store.meta() if run_store is not None else None
+    if run_meta is not None and set(extract_layers) <= set(run_meta["layers"]):
+        # The checkpoint is the run's own model: its activations are already in the run.
+        axis.check_compatible(run_meta["n_layers"], run_meta["d_model"], resolved.spec.name)
+        store.check_or_write_meta({
+            **expected, "layers": extract_layers, "n_layers": run_meta["n_layers"], "d_model": run_meta["d_model"],
+            "dtype": config.dtype, "source": resolved.source, "checkpoint": resolved.spec.text,
+            "layer_convention": LAYER_CONVENTION, "reused_from": str(run_store.dir),
+        })
+        result.reused, result.empty = reuse_run_activations(run_store, store, pending, extract_layers)
+        tracker.advance(f"{resolved.spec.name}: the run's own activations", n=result.reused)
+        pending = pending[~pending["rollout_id"].isin(store.entries())]
     if pending.empty:
         atomic_write_json(folder / "checkpoint.json", description)
     else:
@@ -388,7 +446,6 @@ def extract_checkpoint(resolved: ResolvedCheckpoint, folder: Path, needed: pd.Da
         try:
             axis.check_compatible(model.n_layers, model.d_model, resolved.spec.name)
             atomic_write_json(folder / "checkpoint.json", description)
-            extract_layers = stored_layers or layers
             store.check_or_write_meta({
                 **expected, "layers": extract_layers, "n_layers": model.n_layers, "d_model": model.d_model,
                 "dtype": config.dtype, "source": resolved.source, "checkpoint": resolved.spec.text,
@@ -398,7 +455,8 @@ def extract_checkpoint(resolved: ResolvedCheckpoint, folder: Path, needed: pd.Da
             done_now = extract_pending(model, store, pending, extract_layers, "mean", config.batch_size,
                                        config.max_batch_tokens, lambda label, n: tracker.advance(f"{name}: {label}", n=n),
                                        stop_event)
-            result.extracted, result.empty, result.stopped = done_now.extracted, done_now.empty, done_now.stopped
+            result.extracted, result.stopped = done_now.extracted, done_now.stopped
+            result.empty = result.empty + done_now.empty
         finally:
             del model
             gc.collect()
@@ -729,6 +787,9 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--export-dir", type=Path, default=None,
                         help="where git revisions of local repositories are exported (default: the lab cache)")
     parser.add_argument("--no-figures", action="store_true", help="skip the HTML figures")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="extract a checkpoint that is the run's own model again instead of reusing the run's "
+                             "activations")
     parser.set_defaults(func=run_cli)
 
 
@@ -738,13 +799,15 @@ def config_from_args(args: argparse.Namespace) -> CheckpointsConfig:
                              layers=args.layers, min_score=args.min_score, min_count=args.min_count,
                              n_pcs=args.n_pcs, final=args.final, dtype=args.dtype, device=args.device,
                              batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
-                             out_dir=args.out_dir, export_dir=args.export_dir, write_figures=not args.no_figures)
+                             out_dir=args.out_dir, export_dir=args.export_dir, write_figures=not args.no_figures,
+                             reuse_run_activations=not args.no_reuse)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     report = run_project_checkpoints(config_from_args(args), progress=print_progress)
     for c in report.checkpoints:
         print(f"  {c.name}: {c.extracted} extracted, {c.already_done} stored before"
+              + (f", {c.reused} taken from the run's own activations" if c.reused else "")
               + (f", {len(c.empty)} empty" if c.empty else ""))
     if report.stopped or report.table is None:
         print("project-checkpoints: stopped; rerun the same command to resume")

@@ -106,7 +106,8 @@ def test_checkpoints_job_and_views(env) -> None:
     assert job.status == "done", (job.error, job.log_tail())
     report = job.result
     assert [c["name"] for c in report["checkpoints"]] == ["early", "final"] and report["layers"] == [1, 2]
-    assert all(c["extracted"] == c["responses"] > 0 for c in report["checkpoints"])
+    # both checkpoints are the run's own model: their activations come from the run
+    assert all(c["reused_from_run"] == c["responses"] > 0 and c["extracted"] == 0 for c in report["checkpoints"])
     assert env.ctx.models.loaded is not None  # both checkpoints are the app's model: nothing was reloaded
     view = ds.checkpoint_results(env.run)
     assert view.layers == [1, 2] and view.checkpoints == ["early", "final"]

@@ -142,14 +142,17 @@ def first_run(setup, models):
 
 def test_tables_match_direct_computation(setup, first_run):
     report, calls = first_run
-    assert len(calls) == 3 and report.layers == [1, 2] and report.final == "final"
+    # the final checkpoint is the run's own model: it takes the run's activations and is never loaded
+    assert len(calls) == 2 and calls[1] == str(setup["perturbed"]) and str(setup["final"]) not in calls
+    assert report.layers == [1, 2] and report.final == "final"
     axis = load_axis(RunPaths(setup["run"]).axis).axis
     table = report.table
     scores = {f"{r}/p0/q{i}/s0": s for r, ss in ROLES.items() for i, s in enumerate(ss) if s is not None}
     # only the responses the vectors need were extracted: default + score >= 3
     needed = 3 + sum(1 for s in scores.values() if s >= 3)
     for c in report.checkpoints:
-        assert c.total == needed and c.extracted == needed and c.already_done == 0
+        assert c.total == needed and c.already_done == 0
+        assert (c.extracted, c.reused) == ((0, needed) if c.name == "final" else (needed, 0))
         assert len(ActivationStore(c.folder).entries()) == needed
         parts = ActivationStore(c.folder).dir / "parts"
         assert not parts.exists() or not any(parts.iterdir())  # consolidated per role
@@ -216,6 +219,29 @@ def test_tables_match_direct_computation(setup, first_run):
     assert "plotly" in (out / "trajectories.html").read_text()[:5_000_000]
 
 
+def test_reusing_the_runs_activations_equals_extracting_again(setup, first_run, models, tmp_path):
+    report, _ = first_run
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run, ignore=shutil.ignore_patterns("checkpoints"))
+    calls = []
+    cfg = ck.CheckpointsConfig(**{**_config(setup).__dict__, "run_dir": run, "checkpoints": (str(setup["final"]),),
+                                  "names": ("final",), "reuse_run_activations": False})
+    extracted = ck.run_project_checkpoints(cfg, loader=_counting_loader(calls, models))
+    assert calls == [str(setup["final"])] and extracted.checkpoints[0].reused == 0
+    mine = extracted.table.set_index(["layer", "name"])["axis_projection"].sort_index()
+    reused = report.table[report.table["checkpoint"] == "final"].set_index(["layer", "name"])["axis_projection"]
+    assert torch.allclose(torch.tensor(mine.values), torch.tensor(reused.sort_index().values), atol=1e-5)
+
+
+def test_only_the_same_model_revision_and_dtype_reuse_the_run(setup):
+    final = ck.resolve_checkpoint(ck.parse_checkpoint(str(setup["final"])))
+    assert ck.run_store_of_same_model(final, setup["run"], "float32") is not None
+    assert ck.run_store_of_same_model(final, setup["run"], "bfloat16") is None
+    for other in (str(setup["perturbed"]), f"{setup['repo']}@{setup['first']}", "someone/other-model"):
+        resolved = ck.resolve_checkpoint(ck.parse_checkpoint(other), setup["root"] / "exports")
+        assert ck.run_store_of_same_model(resolved, setup["run"], "float32") is None, other
+
+
 def test_rerun_does_no_extraction(setup, first_run):
     report, _ = first_run
 
@@ -265,7 +291,7 @@ def test_crash_and_resume(setup, first_run, models, monkeypatch, tmp_path):
     resumed = ck.run_project_checkpoints(cfg, loader=_counting_loader(calls, models))
     total = resumed.checkpoints[0].total
     assert resumed.checkpoints[0].already_done == 4 and resumed.checkpoints[0].extracted == total - 4
-    assert resumed.checkpoints[1].extracted == total
+    assert resumed.checkpoints[1].reused == total and resumed.checkpoints[1].extracted == 0
     expected = report.table[report.table["checkpoint"].isin(["perturbed", "final"])]
     got = resumed.table
     merged = got.merge(expected, on=["checkpoint", "layer", "name"], suffixes=("", "_ref"))
