@@ -43,9 +43,9 @@ def defaults(options: Options) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def no_stop_tokens() -> Iterator[None]:
-    """Make ``stream_generate`` run to ``max_new_tokens`` (it stops at ``stop_token_ids(model)``)."""
+    """Make ``stream_generate`` run to ``max_new_tokens`` (it stops at ``stop_token_ids(...)``)."""
     original = generation_module.stop_token_ids
-    generation_module.stop_token_ids = lambda model: set()
+    generation_module.stop_token_ids = lambda hf_model, tokenizer: set()
     try:
         yield
     finally:

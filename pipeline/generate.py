@@ -25,6 +25,7 @@ from pipeline.progress import JobProgress, ProgressCallback, StopRequested, chec
 from pipeline.rollouts import read_rollouts
 from pipeline.store import read_responses, write_response_shard
 from steering.chat_format import ChatFormat
+from steering.generation import stop_token_ids
 from steering.models import (DEFAULT_MODEL_ID, LoadedModel, ModelSpec, display_name, load_hf_model,
                              resolve_model_source)
 
@@ -135,10 +136,7 @@ class TransformersBackend:
         else:
             self.model, self.tokenizer = load_hf_model(config.model_spec())
         self.chat = ChatFormat(self.tokenizer)
-        eos = self.model.generation_config.eos_token_id
-        self.stop_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
-        if self.tokenizer.eos_token_id is not None:
-            self.stop_ids.add(int(self.tokenizer.eos_token_id))
+        self.stop_ids = stop_token_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else min(self.stop_ids)
 

@@ -55,14 +55,15 @@ def _sample(logits: Tensor, settings: GenerationSettings, generator: torch.Gener
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
-def stop_token_ids(model: LoadedModel) -> set[int]:
+def stop_token_ids(hf_model, tokenizer) -> set[int]:
+    """Token ids that end a reply: the generation config's eos ids and the tokenizer's eos."""
     ids: set[int] = set()
-    eos = model.hf_model.generation_config.eos_token_id
+    eos = hf_model.generation_config.eos_token_id
     for value in (eos if isinstance(eos, (list, tuple)) else [eos]):
         if value is not None:
             ids.add(int(value))
-    if model.tokenizer.eos_token_id is not None:
-        ids.add(int(model.tokenizer.eos_token_id))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
     return ids
 
 
@@ -80,7 +81,7 @@ def stream_generate(model: LoadedModel, prompt_ids: Sequence[int], plan: Interve
     generator = None
     if settings.seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-    stops = stop_token_ids(model)
+    stops = stop_token_ids(model.decoder.model, model.tokenizer)
     recorded: dict[int, Tensor] = {}  # layer -> 0-dim projection of the latest position
     monitor_hooks = []
     if monitor is not None:

@@ -116,7 +116,7 @@ def _bridge_reference_decode(model, prompt, plan, n_tokens, monitor_layers, axis
 def test_stream_generate_on_the_twin_equals_decoding_through_the_bridge(tiny_model, monkeypatch):
     import steering.generation as generation
 
-    monkeypatch.setattr(generation, "stop_token_ids", lambda model: set())
+    monkeypatch.setattr(generation, "stop_token_ids", lambda hf_model, tokenizer: set())
     m = tiny_model
     prompt = m.chat.prompt_ids("You are a pirate.", "Who are you?")
     axis = _rand(m.n_layers, m.d_model, seed=5)
