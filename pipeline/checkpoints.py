@@ -418,19 +418,21 @@ def extract_checkpoint(resolved: ResolvedCheckpoint, folder: Path, needed: pd.Da
                                   already_done=len(needed) - len(pending))
     expected = {"model_id": resolved.spec.model_id, "revision": resolved.revision, "aggregation": "mean"}
     stored_layers = _check_stored_meta(store, expected, layers)
-    description = {**resolved.describe(), "layers": stored_layers or layers}
     extract_layers = stored_layers or layers
+    description = {**resolved.describe(), "layers": extract_layers}
+
+    def store_meta(n_layers: int, d_model: int, **extra) -> dict:
+        return {**expected, "layers": extract_layers, "n_layers": n_layers, "d_model": d_model, "dtype": config.dtype,
+                "source": resolved.source, "checkpoint": resolved.spec.text, "layer_convention": LAYER_CONVENTION,
+                **extra}
+
     run_store = run_store_of_same_model(resolved, config.run_dir, config.dtype) \
         if config.reuse_run_activations and not pending.empty else None
     run_meta = run_store.meta() if run_store is not None else None
     if run_meta is not None and set(extract_layers) <= set(run_meta["layers"]):
         # The checkpoint is the run's own model: its activations are already in the run.
         axis.check_compatible(run_meta["n_layers"], run_meta["d_model"], resolved.spec.name)
-        store.check_or_write_meta({
-            **expected, "layers": extract_layers, "n_layers": run_meta["n_layers"], "d_model": run_meta["d_model"],
-            "dtype": config.dtype, "source": resolved.source, "checkpoint": resolved.spec.text,
-            "layer_convention": LAYER_CONVENTION, "reused_from": str(run_store.dir),
-        })
+        store.check_or_write_meta(store_meta(run_meta["n_layers"], run_meta["d_model"], reused_from=str(run_store.dir)))
         result.reused, result.empty = reuse_run_activations(run_store, store, pending, extract_layers)
         tracker.advance(f"{resolved.spec.name}: the run's own activations", n=result.reused)
         pending = pending[~pending["rollout_id"].isin(store.entries())]
@@ -446,11 +448,7 @@ def extract_checkpoint(resolved: ResolvedCheckpoint, folder: Path, needed: pd.Da
         try:
             axis.check_compatible(model.n_layers, model.d_model, resolved.spec.name)
             atomic_write_json(folder / "checkpoint.json", description)
-            store.check_or_write_meta({
-                **expected, "layers": extract_layers, "n_layers": model.n_layers, "d_model": model.d_model,
-                "dtype": config.dtype, "source": resolved.source, "checkpoint": resolved.spec.text,
-                "layer_convention": LAYER_CONVENTION,
-            })
+            store.check_or_write_meta(store_meta(model.n_layers, model.d_model))
             name = resolved.spec.name
             done_now = extract_pending(model, store, pending, extract_layers, "mean", config.batch_size,
                                        config.max_batch_tokens, lambda label, n: tracker.advance(f"{name}: {label}", n=n),
