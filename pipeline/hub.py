@@ -33,6 +33,7 @@ import torch
 
 from steering.axis_io import AxisBundle, AxisFileError, load_axis, load_role_vectors
 from steering.capping_config import CappingConfig, load_capping_config
+from steering.models import hub_offline
 
 __all__ = [
     "PAPER_REPO", "PAPER_REPO_TYPE", "NATIVE_AXIS_FILE", "PAPER_AXIS_FILE", "PAPER_ROLE_DIR", "PAPER_CAPPING_FILE",
@@ -98,12 +99,6 @@ def hub_endpoint(endpoint: str | None = None) -> str:
     from huggingface_hub import constants
 
     return constants.ENDPOINT.rstrip("/")
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def resolve_token(token: str | None = None, *, required: bool = False, action: str = "this") -> str | None:
@@ -177,7 +172,7 @@ def _hub_errors(what: str, endpoint: str) -> Iterator[None]:
     except RemoteEntryNotFoundError as exc:
         raise HubMissingFilesError(f"{what}: file not found in the repository ({_first_line(exc)})") from None
     except LocalEntryNotFoundError as exc:
-        if _offline():
+        if hub_offline():
             raise HubNetworkError(f"{what}: {offline_hint}") from None
         raise HubNetworkError(f"{what}: the Hub at {endpoint} could not be reached and nothing is cached "
                               f"({_first_line(exc)})") from None
@@ -247,7 +242,7 @@ def _repo_files(repo_id: str, repo_type: str, revision: str | None, token: str |
                 endpoint: str) -> tuple[list[str], str | None]:
     from huggingface_hub import HfApi
 
-    if _offline():
+    if hub_offline():
         raise HubNetworkError(
             f"{_repo_label(repo_id, repo_type, revision)}: HF_HUB_OFFLINE=1 is set, so nothing can be fetched "
             "from the Hub; unset it (or use a local axis file)"
@@ -526,7 +521,7 @@ def upload_run(
     url = hub_endpoint(endpoint)
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    if _offline():
+    if hub_offline():
         raise HubNetworkError(f"uploading to {repo_id}: HF_HUB_OFFLINE=1 is set, so nothing can be sent to the Hub; "
                               "unset it to upload")
     with tempfile.TemporaryDirectory(prefix="axis-upload-") as staging:

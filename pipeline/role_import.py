@@ -216,13 +216,15 @@ def fetch_git(source: RoleSource, cache_dir: Path, timeout: float = 600.0) -> tu
 
 def fetch_hf(source: RoleSource, cache_dir: Path, endpoint: str | None = None) -> tuple[Path, str]:
     """Download the dataset repo's JSON files into the cache; (snapshot folder, commit sha)."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+
+    from steering.models import hub_offline
 
     name = f"dataset {source.location}" + (f" at {source.revision}" if source.revision else "")
     try:
@@ -241,7 +243,7 @@ def fetch_hf(source: RoleSource, cache_dir: Path, endpoint: str | None = None) -
             f"Hugging Face {name}: repository not found (or private: set HF_TOKEN to a token with access)"
         ) from None
     except LocalEntryNotFoundError as exc:
-        offline = " HF_HUB_OFFLINE is set, so nothing can be downloaded;" if constants.HF_HUB_OFFLINE else ""
+        offline = " HF_HUB_OFFLINE is set, so nothing can be downloaded;" if hub_offline() else ""
         raise RoleImportError(f"Hugging Face {name}: not in the local cache and could not be downloaded;{offline} {exc}") from None
     except HfHubHTTPError as exc:
         raise RoleImportError(f"Hugging Face {name}: download failed: {exc}") from None

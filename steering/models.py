@@ -155,8 +155,11 @@ def resolve_model_source(spec: ModelSpec) -> str:
     return _resolve_source(spec)[0]
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+def hub_offline() -> bool:
+    """Whether huggingface_hub (and so transformers) is in offline mode (``HF_HUB_OFFLINE``)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def load_hf_model(spec: ModelSpec):
@@ -173,7 +176,7 @@ def load_hf_model(spec: ModelSpec):
         raise
     except (OSError, ValueError, KeyError) as exc:
         if not is_local and ("/" in source or not Path(source).is_absolute()):
-            where = "offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if _offline() else (
+            where = "offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if hub_offline() else (
                 "not found on the Hub or the Hub is unreachable, and it is not in the local cache"
             )
             raise ModelLoadError(

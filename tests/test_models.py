@@ -22,7 +22,10 @@ def test_tiny_model_loads_with_raw_hf_weights(tiny_model):
 
 
 def test_unknown_model_offline_is_a_clear_error(monkeypatch):
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="no-such-org/no-such-model.*offline"):
         load_model(ModelSpec(model_id="no-such-org/no-such-model"))
 
